@@ -1,4 +1,7 @@
 //! The aivmm library: everything the `aivmm` binary does, testable from `tests/`.
 
+pub mod guest_image;
 pub mod host_engine;
 pub mod model_store;
+pub mod partition;
+pub mod vstate;

@@ -1,6 +1,5 @@
 //! The `aivmm` command line.
 
-use std::error::Error as _;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;

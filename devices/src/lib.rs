@@ -1,0 +1,17 @@
+//! The devices of an aivmm partition, all on MMIO: a guest register access
+//! reaches them through [`bus::MmioBus`] on the vCPU thread that exited.
+//!
+//! - [`platform::PlatformDevice`]: boot complete, exit, fatal error,
+//!   park / wake, reports (registers in `aivmm_guest_abi::platform`).
+//! - [`virtio::mmio::VirtioMmioTransport`] with [`virtio::console::Console`]:
+//!   the guest's log, one exit per flush.
+//!
+//! Nothing here injects interrupts: the guest runs at CPL3 without an IDT and
+//! polls (see docs/guest-abi.md).
+
+pub mod bus;
+pub mod platform;
+pub mod virtio;
+
+/// Guest memory as the devices see it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;

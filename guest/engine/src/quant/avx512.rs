@@ -1,0 +1,493 @@
+//! AVX-512 (F, BW, VL) kernels, with and without VNNI, for the formats that
+//! dominate the supported models: Q8_0, Q5_0, Q4_0 and the K-quants Q4_K,
+//! Q5_K, Q6_K. The other formats use the AVX2 kernels.
+//!
+//! 32-value formats put two weight rows (the same block of each) in one zmm
+//! register, so one `vpdpbusd` covers both. Their f16 block scales are
+//! gathered eight blocks at a time and applied per block with a lane
+//! permute, which keeps the per-block work to a handful of instructions.
+//! K-quants process one 256-value super-block per row with `vpmaddubsw`
+//! (unsigned weights times signed activations) and `vpdpwssd` (times the
+//! sub-block scales).
+//!
+//! Everything below is `#[inline(always)]` and generic over `VNNI`; the two
+//! entry points (`tile_vnni`, `tile_plain`) enable the target features, so the
+//! same code is compiled once with `vpdpbusd`/`vpdpwssd` and once with their
+//! `vpmaddubsw` + `vpmaddwd` equivalents. Contract of every `unsafe fn`: the
+//! CPU supports the entry point's features, and each weight pointer `w[r]` and
+//! activation pointer `a[c]` addresses `nb` whole blocks of its format.
+
+use core::arch::x86_64::*;
+
+use super::{avx2, GgmlType, TileKernels};
+
+pub(super) struct Tiles<const VNNI: bool>;
+
+impl<const VNNI: bool> TileKernels for Tiles<VNNI> {
+    fn tile<const R: usize, const C: usize>(ty: GgmlType, n: usize, w: [&[u8]; R], a: [&[u8]; C]) -> [[f32; C]; R] {
+        let nb = n / ty.block_len();
+        let row_bytes = nb * ty.block_bytes();
+        let act_bytes = nb * ty.act_type().block_bytes();
+        assert!(w.iter().all(|w| w.len() == row_bytes) && a.iter().all(|a| a.len() == act_bytes));
+        let wp = w.map(<[u8]>::as_ptr);
+        let ap = a.map(<[u8]>::as_ptr);
+        // SAFETY: `Tiles<VNNI>` is only used by `Kernels` of level Avx512Vnni (VNNI)
+        // or Avx512 (plain), which the CPU supports; the slices hold nb blocks (checked).
+        unsafe {
+            match ty {
+                GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+                    if VNNI {
+                        tile_vnni(ty, nb, wp, ap)
+                    } else {
+                        tile_plain(ty, nb, wp, ap)
+                    }
+                }
+                _ => avx2::tile(ty, n, w, a),
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_vnni<const R: usize, const C: usize>(
+    ty: GgmlType,
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
+    // SAFETY: forwarded contract.
+    unsafe { tile_any::<R, C, true>(ty, nb, w, a) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn tile_plain<const R: usize, const C: usize>(
+    ty: GgmlType,
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
+    // SAFETY: forwarded contract.
+    unsafe { tile_any::<R, C, false>(ty, nb, w, a) }
+}
+
+#[inline(always)]
+unsafe fn tile_any<const R: usize, const C: usize, const VNNI: bool>(
+    ty: GgmlType,
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match ty {
+            GgmlType::Q8_0 => blocks32::<R, C, VNNI, Q8_0>(nb, w, a),
+            GgmlType::Q4_0 => blocks32::<R, C, VNNI, Q4_0>(nb, w, a),
+            GgmlType::Q5_0 => blocks32::<R, C, VNNI, Q5_0>(nb, w, a),
+            GgmlType::Q4_K => k4_blocks::<R, C, VNNI, false>(nb, w, a),
+            GgmlType::Q5_K => k4_blocks::<R, C, VNNI, true>(nb, w, a),
+            _ => q6_k::<R, C, VNNI>(nb, w, a),
+        }
+    }
+}
+
+/// `acc` + the sums of four adjacent u8 x i8 products of `u` and `s` per i32 lane.
+/// Without VNNI the i16 pair sums must not saturate (true for |u| < 128, or
+/// u < 256 with |s| < 64): callers only pass values that keep them in range.
+#[inline(always)]
+unsafe fn dot_u8_i8<const VNNI: bool>(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+    // SAFETY: only reached from the entry points, which enable these features.
+    unsafe {
+        if VNNI {
+            _mm512_dpbusd_epi32(acc, u, s)
+        } else {
+            _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)))
+        }
+    }
+}
+
+/// `acc` + the sums of adjacent i16 x i16 products per i32 lane.
+#[inline(always)]
+unsafe fn dot_i16<const VNNI: bool>(acc: __m512i, x: __m512i, y: __m512i) -> __m512i {
+    // SAFETY: as for dot_u8_i8.
+    unsafe {
+        if VNNI {
+            _mm512_dpwssd_epi32(acc, x, y)
+        } else {
+            _mm512_add_epi32(acc, _mm512_madd_epi16(x, y))
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn load512(p: *const u8) -> __m512i {
+    // SAFETY: the caller guarantees 64 readable bytes at p.
+    unsafe { _mm512_loadu_si512(p.cast()) }
+}
+
+#[inline(always)]
+unsafe fn load256(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 32 readable bytes at p.
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+#[inline(always)]
+unsafe fn load128(p: *const u8) -> __m128i {
+    // SAFETY: the caller guarantees 16 readable bytes at p.
+    unsafe { _mm_loadu_si128(p.cast()) }
+}
+
+/// `lo` in the low 256 bits, `hi` in the high 256 bits.
+#[inline(always)]
+unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
+    // SAFETY: register-only AVX-512F operations, enabled by the entry points.
+    unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi) }
+}
+
+/// Which 32-value format `blocks32` handles.
+const Q8_0: u8 = 0;
+const Q4_0: u8 = 1;
+const Q5_0: u8 = 2;
+
+const fn block_bytes32(kind: u8) -> usize {
+    match kind {
+        Q8_0 => 34,
+        Q4_0 => 18,
+        _ => 22,
+    }
+}
+
+/// The weight bytes of block `b` of rows `ra` and `rb`, as unsigned values in
+/// the lane order of [`act_block32`] (VNNI Q8_0: w + 128, i.e. w ^ 0x80).
+#[inline(always)]
+unsafe fn weight_pair32<const VNNI: bool, const KIND: u8>(ra: *const u8, rb: *const u8) -> __m512i {
+    // SAFETY: ra and rb each point to one whole block of KIND.
+    unsafe {
+        match KIND {
+            Q8_0 => {
+                let w = join(load256(ra.add(2)), load256(rb.add(2)));
+                if VNNI {
+                    _mm512_xor_si512(w, _mm512_set1_epi8(-128))
+                } else {
+                    w
+                }
+            }
+            _ => {
+                let qs = if KIND == Q4_0 { 2 } else { 6 };
+                // [qs A | qs B] then its high nibbles: [A lo | B lo | A hi | B hi].
+                let both = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(load128(ra.add(qs))), load128(rb.add(qs)));
+                let nibbles = _mm512_and_si512(join(both, _mm256_srli_epi16::<4>(both)), _mm512_set1_epi8(0x0f));
+                if KIND == Q4_0 {
+                    nibbles
+                } else {
+                    let (ha, hb) = (u64::from(ra.add(2).cast::<u32>().read_unaligned()), u64::from(rb.add(2).cast::<u32>().read_unaligned()));
+                    // Bit i of the mask belongs to byte i of `nibbles`.
+                    let mask = (ha & 0xffff) | (hb & 0xffff) << 16 | (ha >> 16) << 32 | (hb >> 16) << 48;
+                    _mm512_mask_add_epi8(nibbles, mask, nibbles, _mm512_set1_epi8(16))
+                }
+            }
+        }
+    }
+}
+
+/// The 32 activation values of a Q8_0 block at p (its qs) in the lane order of
+/// [`weight_pair32`]: Q8_0 [a | a]; Q4_0/Q5_0 [a0..16 | a0..16 | a16..32 | a16..32].
+#[inline(always)]
+unsafe fn act_block32<const KIND: u8>(qs: *const u8) -> __m512i {
+    // SAFETY: qs points to 32 readable bytes.
+    unsafe {
+        let a = _mm512_castsi256_si512(load256(qs));
+        if KIND == Q8_0 {
+            _mm512_shuffle_i64x2::<0b01_00_01_00>(a, a)
+        } else {
+            _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), a)
+        }
+    }
+}
+
+/// The f16 scales of blocks `first..first + count` (count <= 8) of a row of
+/// 32-value blocks of `block` bytes, widened to f32 (lanes >= count are 0).
+#[inline(always)]
+unsafe fn gather_scales8(row: *const u8, block: usize, first: usize, count: usize) -> __m256 {
+    // SAFETY: the dwords read start at blocks first..first + count, each of which
+    // is at least 18 bytes long.
+    unsafe {
+        let b = block as i32;
+        let offsets = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+        let mask = ((1u32 << count) - 1) as __mmask8;
+        let base = row.add(first * block).cast::<i32>();
+        let dwords = _mm256_mmask_i32gather_epi32::<1>(_mm256_setzero_si256(), mask, offsets, base);
+        _mm256_cvtph_ps(_mm256_cvtepi32_epi16(dwords))
+    }
+}
+
+/// Q8_0 / Q4_0 / Q5_0 x Q8_0, two rows per zmm register.
+#[inline(always)]
+unsafe fn blocks32<const R: usize, const C: usize, const VNNI: bool, const KIND: u8>(
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
+    let bs = block_bytes32(KIND);
+    let pairs = R.div_ceil(2);
+    // Row 2p + 1 of an odd R repeats row 2p; its result is dropped.
+    let rows = |p: usize| (w[2 * p], w[(2 * p + 1).min(R - 1)]);
+    // SAFETY: every block index is below nb; see the module contract.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        // The value that turns weights unsigned, subtracted again via the activation sums.
+        let offset = _mm512_set1_epi8(match KIND {
+            Q8_0 => -128,
+            Q4_0 => 8,
+            _ => 16,
+        });
+        for first in (0..nb).step_by(8) {
+            let count = (nb - first).min(8);
+            // Per-block products of weight and activation scales: lanes 0..8 row A, 8..16 row B.
+            let mut scales = [[_mm512_setzero_ps(); C]; R];
+            let act_scales = a.map(|p| {
+                let s = gather_scales8(p, 34, first, count);
+                join_ps(s, s)
+            });
+            for p in 0..pairs {
+                let (ra, rb) = rows(p);
+                let ws = join_ps(gather_scales8(ra, bs, first, count), gather_scales8(rb, bs, first, count));
+                for c in 0..C {
+                    scales[p][c] = _mm512_mul_ps(ws, act_scales[c]);
+                }
+            }
+            for k in 0..count {
+                let b = first + k;
+                let lane = k as i32;
+                let pick = if KIND == Q8_0 {
+                    _mm512_set_epi32(
+                        8 + lane, 8 + lane, 8 + lane, 8 + lane, 8 + lane, 8 + lane, 8 + lane, 8 + lane,
+                        lane, lane, lane, lane, lane, lane, lane, lane,
+                    )
+                } else {
+                    _mm512_set_epi32(
+                        8 + lane, 8 + lane, 8 + lane, 8 + lane, lane, lane, lane, lane,
+                        8 + lane, 8 + lane, 8 + lane, 8 + lane, lane, lane, lane, lane,
+                    )
+                };
+                let act = a.map(|p| act_block32::<KIND>(p.add(b * 34 + 2)));
+                // Each i32 lane starts at -(offset * sum of its activations), cancelling the
+                // offset that made the weights unsigned (VNNI Q8_0: +128; Q4_0: -8; Q5_0: -16).
+                let start = act.map(|x| _mm512_sub_epi32(_mm512_setzero_si512(), dot_u8_i8::<VNNI>(_mm512_setzero_si512(), offset, x)));
+                for p in 0..pairs {
+                    let (ra, rb) = rows(p);
+                    let wq = weight_pair32::<VNNI, KIND>(ra.add(b * bs), rb.add(b * bs));
+                    for c in 0..C {
+                        let dot = if KIND == Q8_0 && !VNNI {
+                            // Signed weights: no offset, `start` is unused and optimized away.
+                            signed_dot(wq, act[c])
+                        } else {
+                            dot_u8_i8::<VNNI>(start[c], wq, act[c])
+                        };
+                        let scale = _mm512_permutexvar_ps(pick, scales[p][c]);
+                        acc[p][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[p][c]);
+                    }
+                }
+            }
+        }
+        let (mask_a, mask_b) = if KIND == Q8_0 { (0x00ff, 0xff00) } else { (0x0f0f, 0xf0f0) };
+        core::array::from_fn(|r| {
+            core::array::from_fn(|c| _mm512_mask_reduce_add_ps(if r % 2 == 0 { mask_a } else { mask_b }, acc[r / 2][c]))
+        })
+    }
+}
+
+#[inline(always)]
+unsafe fn join_ps(lo: __m256, hi: __m256) -> __m512 {
+    // SAFETY: register-only AVX-512F operations.
+    unsafe { _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi))) }
+}
+
+/// Signed bytes times signed bytes without VNNI: |w| times a with w's sign.
+#[inline(always)]
+unsafe fn signed_dot(w: __m512i, a: __m512i) -> __m512i {
+    // SAFETY: register-only AVX-512BW operations.
+    unsafe {
+        let negative = _mm512_movepi8_mask(w);
+        let signed_a = _mm512_mask_sub_epi8(a, negative, _mm512_setzero_si512(), a);
+        let pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(w), signed_a);
+        _mm512_madd_epi16(pairs, _mm512_set1_epi16(1))
+    }
+}
+
+/// The f16 at p, widened.
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees 2 readable bytes at p; F16C is enabled by the entry points.
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned())))) }
+}
+
+#[inline(always)]
+unsafe fn f32_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees 4 readable bytes at p.
+    unsafe { p.cast::<f32>().read_unaligned() }
+}
+
+/// Decodes the 12 packed scale bytes of a Q4_K/Q5_K block at p into 16 i16:
+/// the eight 6-bit scales, then the eight 6-bit mins.
+#[inline(always)]
+unsafe fn k4_scales_mins(p: *const u8) -> __m256i {
+    // SAFETY: p is followed by at least 16 bytes of the same block (12 scale bytes, then qh/qs).
+    unsafe {
+        // Dwords q0, q1, q2 hold bytes 0..4, 4..8, 8..12.
+        let q = load128(p);
+        // Scales 0..4 = q0 & 63, scales 4..8 = (q2 & 15) | (q0 >> 6) << 4,
+        // mins 0..4 = q1 & 63, mins 4..8 = (q2 >> 4) | (q1 >> 6) << 4.
+        let low = _mm_srlv_epi32(_mm_shuffle_epi32::<0b10_01_10_00>(q), _mm_setr_epi32(0, 0, 0, 4));
+        let low = _mm_and_si128(low, _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+        let high = _mm_srli_epi32::<2>(_mm_shuffle_epi32::<0b01_00_00_00>(q));
+        let high = _mm_and_si128(high, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+        _mm256_cvtepu8_epi16(_mm_or_si128(low, high))
+    }
+}
+
+/// Q4_K / Q5_K x Q8_K. A zmm of 64 weight bytes holds sub-blocks (j, j + 2) in
+/// its low nibbles and (j + 1, j + 3); the activations are loaded in that order.
+#[inline(always)]
+unsafe fn k4_blocks<const R: usize, const C: usize, const VNNI: bool, const FIVE_BITS: bool>(
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
+    let (block, qs_at) = if FIVE_BITS { (176, 48) } else { (144, 16) };
+    // SAFETY: every block index is below nb; see the module contract.
+    unsafe {
+        let low4 = _mm512_set1_epi8(0x0f);
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        for b in 0..nb {
+            let y = a.map(|p| p.add(b * 292));
+            let x = w.map(|p| p.add(b * block));
+            let scales_mins = x.map(|p| k4_scales_mins(p.add(4)));
+            let scales = scales_mins.map(|v| _mm512_castsi256_si512(v));
+            // Q5_K: qh (bit j of byte l is bit 4 of value 32j + l) next to qh >> 2, so that
+            // sub-blocks j and j + 2 find their bit at the same position.
+            let high = x.map(|p| {
+                if FIVE_BITS {
+                    let qh = load256(p.add(16));
+                    join(qh, _mm256_srli_epi16::<2>(qh))
+                } else {
+                    low4
+                }
+            });
+            let mut sums = [[_mm512_setzero_si512(); C]; R];
+            for t in 0..4 {
+                let (half, upper) = (t / 2, t % 2);
+                // Sub-blocks (4 half + upper, 4 half + upper + 2) in i16 lanes 0..16, 16..32.
+                let first = (4 * half + upper) as i16;
+                let pick = _mm512_set_epi16(
+                    first + 2, first + 2, first + 2, first + 2, first + 2, first + 2, first + 2, first + 2,
+                    first + 2, first + 2, first + 2, first + 2, first + 2, first + 2, first + 2, first + 2,
+                    first, first, first, first, first, first, first, first,
+                    first, first, first, first, first, first, first, first,
+                );
+                let mut wq = [low4; R];
+                let mut sc = [low4; R];
+                for r in 0..R {
+                    let q = load512(x[r].add(qs_at + 64 * half));
+                    let v = if upper == 1 { _mm512_and_si512(_mm512_srli_epi16::<4>(q), low4) } else { _mm512_and_si512(q, low4) };
+                    wq[r] = if FIVE_BITS {
+                        let bit = _mm512_test_epi8_mask(high[r], _mm512_set1_epi8(1 << (4 * half + upper)));
+                        _mm512_mask_add_epi8(v, bit, v, _mm512_set1_epi8(16))
+                    } else {
+                        v
+                    };
+                    sc[r] = _mm512_permutexvar_epi16(pick, scales[r]);
+                }
+                for c in 0..C {
+                    let at = 4 + 128 * half + 32 * upper;
+                    let act = join(load256(y[c].add(at)), load256(y[c].add(at + 64)));
+                    for r in 0..R {
+                        sums[r][c] = dot_i16::<VNNI>(sums[r][c], _mm512_maddubs_epi16(wq[r], act), sc[r]);
+                    }
+                }
+            }
+            for c in 0..C {
+                let da = f32_at(y[c]);
+                let bsums = load256(y[c].add(260));
+                // Activation sum of each 32-value sub-block.
+                let sub_sums = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256::<1>(bsums));
+                for r in 0..R {
+                    let mins = _mm_madd_epi16(_mm256_extracti128_si256::<1>(scales_mins[r]), sub_sums);
+                    let (d, dmin) = (f16_at(x[r]) * da, f16_at(x[r].add(2)) * da);
+                    acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][c]), _mm512_set1_ps(d), acc[r][c]);
+                    let mins = _mm512_cvtepi32_ps(_mm512_zextsi128_si512(mins));
+                    acc[r][c] = _mm512_fmadd_ps(mins, _mm512_set1_ps(-dmin), acc[r][c]);
+                }
+            }
+        }
+        acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
+    }
+}
+
+/// Q6_K x Q8_K. The low nibbles of 64 `ql` bytes with 2 bits of `qh` each are
+/// 64 consecutive values, the high nibbles the next 64; values are used
+/// unsigned (0..64) and 32 * sum(scale * bsum) is subtracted.
+#[inline(always)]
+unsafe fn q6_k<const R: usize, const C: usize, const VNNI: bool>(
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
+    // SAFETY: every block index is below nb; see the module contract.
+    unsafe {
+        let low4 = _mm512_set1_epi8(0x0f);
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        for b in 0..nb {
+            let y = a.map(|p| p.add(b * 292));
+            let x = w.map(|p| p.add(b * 210));
+            let scales = x.map(|p| _mm256_cvtepi8_epi16(load128(p.add(192))));
+            let mut sums = [[_mm512_setzero_si512(); C]; R];
+            for c in 0..C {
+                let bsums = load256(y[c].add(260));
+                for r in 0..R {
+                    let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(scales[r], bsums));
+                    sums[r][c] = _mm512_zextsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), offset));
+                }
+            }
+            for half in 0..2 {
+                let mut q6 = [[low4; 2]; R];
+                for r in 0..R {
+                    let ql = load512(x[r].add(64 * half));
+                    let qh = load256(x[r].add(128 + 32 * half));
+                    // qh for values 0..32 and (qh >> 2) for 32..64 of each 64.
+                    let qh = join(qh, _mm256_srli_epi16::<2>(qh));
+                    let bits01 = _mm512_slli_epi16::<4>(_mm512_and_si512(qh, _mm512_set1_epi8(0x03)));
+                    let bits45 = _mm512_and_si512(qh, _mm512_set1_epi8(0x30));
+                    // (A & C) | B with C = 0x0f: the nibble plus its two high bits.
+                    q6[r][0] = _mm512_ternarylogic_epi32::<0xec>(ql, bits01, low4);
+                    q6[r][1] = _mm512_ternarylogic_epi32::<0xec>(_mm512_srli_epi16::<4>(ql), bits45, low4);
+                }
+                for part in 0..2 {
+                    let t = 2 * half + part;
+                    // Scales 4t..4t+4, each for 8 i16 lanes (16 values).
+                    let s = (4 * t) as i16;
+                    let pick = _mm512_set_epi16(
+                        s + 3, s + 3, s + 3, s + 3, s + 3, s + 3, s + 3, s + 3,
+                        s + 2, s + 2, s + 2, s + 2, s + 2, s + 2, s + 2, s + 2,
+                        s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1,
+                        s, s, s, s, s, s, s, s,
+                    );
+                    let sc = scales.map(|v| _mm512_permutexvar_epi16(pick, _mm512_castsi256_si512(v)));
+                    for c in 0..C {
+                        let act = load512(y[c].add(4 + 64 * t));
+                        for r in 0..R {
+                            sums[r][c] = dot_i16::<VNNI>(sums[r][c], _mm512_maddubs_epi16(q6[r][part], act), sc[r]);
+                        }
+                    }
+                }
+            }
+            for c in 0..C {
+                let da = f32_at(y[c]);
+                for r in 0..R {
+                    let d = _mm512_set1_ps(f16_at(x[r].add(208)) * da);
+                    acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][c]), d, acc[r][c]);
+                }
+            }
+        }
+        acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
+    }
+}
