@@ -278,7 +278,8 @@ impl MmioDevice for PlatformDevice {
                 }
             }
             reg::REPORT => self.record_report(vcpu, value)?,
-            reg::PING => {
+            // PING_IOEVENTFD only gets here if the VMM has no ioeventfd on it.
+            reg::PING | reg::PING_IOEVENTFD => {
                 self.pings.fetch_add(1, Ordering::Relaxed);
             }
             _ => {

@@ -32,6 +32,7 @@ Needs only numpy and gguf (requirements-light.txt), plus llama_cpp to quantize.
 
 import argparse
 import collections
+import dataclasses
 import ctypes
 import hashlib
 import os
@@ -251,24 +252,25 @@ def bpe_vocab(n_merges):
 
 @dataclass(frozen=True)
 class WeightScales:
-    """Standard deviations of the random weights, as multiples of 1/sqrt(fan_in) for the matrices.
+    """Standard deviations of the random weights (matrices: multiples of 1/sqrt(fan_in)).
 
-    The residual stream starts at `embedding` per element; each attention and
-    FFN block adds roughly unit-RMS vectors. `attn_qk` sets how sharp the
-    attention is (score std ~ attn_qk^2). `output` sets the logit std: with the
-    final RMSNorm the logits are ~ N(0, output^2) over the vocabulary, and
-    `output_tail` (the std of a per-row log-normal gain on the output matrix)
-    fattens their upper tail, so the top-1 logit usually stands well clear of
-    the top-2.
+    Plain Gaussian weights give Gaussian logits, whose top two are often within
+    a few hundredths of each other (with 512 tokens, ~4 % of greedy steps have
+    a top-1/top-2 margin under 1 % of the logit std), which makes greedy
+    comparisons between two implementations fragile. Two knobs make the logits
+    peaked: `output` scales them (logit std ~ output), and `ffn_vote` makes
+    every hidden unit of the last FFN write one token's output direction into
+    the residual stream (see vote_directions), which gives the logits a heavy,
+    context-dependent upper tail.
     """
     embedding: float = 1.0
     attn_qk: float = 1.0
     attn_v: float = 1.0
     attn_out: float = 1.0
-    ffn_in: float = 1.0
+    ffn_in: float = 2.0
     ffn_down: float = 1.0
-    output: float = 4.0
-    ffn_vote: float = 0.0
+    output: float = 8.0
+    ffn_vote: float = 16.0
     norm_jitter: float = 0.1
     bias: float = 0.1
 
@@ -458,3 +460,188 @@ def set_llama_verbose(llama_cpp, verbose):
     """llama.cpp logs through llama-cpp-python's logger: errors only unless verbose."""
     from llama_cpp import _logger
     _logger.set_verbose(verbose)
+
+
+# ---------------------------------------------------------------------------
+# The models
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    name: str
+    shape: ModelShape
+    vocab_kind: str  # "spm" or "bpe"
+    float_files: tuple  # float types written directly ("f16")
+    quant_files: tuple  # llama.cpp ftype names quantized from the float original
+    quantize_from: str  # "f32" (temporary, deleted) or "f16"
+    committed: bool
+
+
+TINY_LLAMA = ModelRecipe(
+    name="tiny-llama",
+    shape=ModelShape(arch="llama", n_vocab=512, n_embd=256, n_layer=2, n_head=4, n_head_kv=2, n_ff=512,
+                     n_ctx=512, rope_base=10000.0, rms_eps=1e-5, tied_output=False),
+    vocab_kind="spm", float_files=("f16",), quant_files=("Q8_0", "Q4_K_M"), quantize_from="f32", committed=True)
+
+TINY_QWEN2 = ModelRecipe(
+    name="tiny-qwen2",
+    shape=ModelShape(arch="qwen2", n_vocab=512, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=192,
+                     n_ctx=512, rope_base=1000000.0, rms_eps=1e-6, tied_output=True),
+    vocab_kind="bpe", float_files=("f16",), quant_files=(), quantize_from="f16", committed=True)
+
+TINYLLAMA_SHAPED = ModelRecipe(
+    name="tinyllama-shaped",
+    shape=ModelShape(arch="llama", n_vocab=32000, n_embd=2048, n_layer=22, n_head=32, n_head_kv=4, n_ff=5632,
+                     n_ctx=2048, rope_base=10000.0, rms_eps=1e-5, tied_output=False),
+    vocab_kind="spm", float_files=(), quant_files=("Q4_K_M", "Q8_0"), quantize_from="f16", committed=False)
+
+RECIPES = {r.name: r for r in (TINY_LLAMA, TINY_QWEN2, TINYLLAMA_SHAPED)}
+
+
+def model_file(recipe, variant):
+    """File name of one variant: tiny-llama-f16.gguf, tiny-llama-q4_k_m.gguf, ..."""
+    return f"{recipe.name}-{variant.lower()}.gguf"
+
+
+def build_vocab(recipe):
+    if recipe.vocab_kind == "spm":
+        return spm_vocab(recipe.shape.n_vocab, _rng(SEED, recipe.name + "/vocab"))
+    n_merges = recipe.shape.n_vocab - 256 - len(QWEN2_SPECIALS)
+    return bpe_vocab(n_merges)
+
+
+def generate(recipe, out_dir, llama_cpp, verbose):
+    """Writes every variant of recipe into out_dir; returns the file names written."""
+    os.makedirs(out_dir, exist_ok=True)
+    vocab = build_vocab(recipe)
+    seed = SEED + zlib.crc32(recipe.name.encode())
+    written = []
+    for float_type in recipe.float_files:
+        path = os.path.join(out_dir, model_file(recipe, float_type))
+        log(f"writing {path}")
+        write_atomically(path, lambda tmp: write_model(tmp, recipe.name, recipe.shape, vocab, WeightScales(), seed,
+                                                       float_type))
+        written.append(os.path.basename(path))
+    if not recipe.quant_files:
+        return written
+    if llama_cpp is None:
+        raise GenError(f"quantizing {recipe.name} needs llama_cpp: run tests/reference/setup.sh and use "
+                       "~/.cache/aivmm-ref/bin/python, or pass --no-quantize to write only the float files")
+    original = os.path.join(out_dir, model_file(recipe, recipe.quantize_from))
+    temporary_original = recipe.quantize_from not in recipe.float_files
+    if temporary_original:
+        original = os.path.join(out_dir, f".{recipe.name}-{recipe.quantize_from}.tmp.gguf")
+        log(f"writing the {recipe.quantize_from.upper()} original {original}")
+        write_model(original, recipe.name, recipe.shape, vocab, WeightScales(), seed, recipe.quantize_from)
+    try:
+        for ftype in recipe.quant_files:
+            path = os.path.join(out_dir, model_file(recipe, ftype))
+            log(f"quantizing to {ftype}: {path}")
+            write_atomically(path, lambda tmp: quantize(llama_cpp, original, tmp, "MOSTLY_" + ftype, verbose))
+            written.append(os.path.basename(path))
+    finally:
+        if temporary_original:
+            os.remove(original)
+    return written
+
+
+def write_atomically(path, write):
+    tmp = path + ".partial"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_sums(sums_path, directory, names):
+    """`sha256  name` lines (sha256sum format), sorted by name."""
+    lines = [f"{sha256_of(os.path.join(directory, n))}  {n}\n" for n in sorted(names)]
+    with open(sums_path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(sums_path + ".tmp", sums_path)
+    log(f"wrote {sums_path}")
+
+
+def read_sums(sums_path):
+    sums = {}
+    with open(sums_path) as f:
+        for line in f:
+            if line.strip():
+                digest, name = line.split(maxsplit=1)
+                sums[name.strip()] = digest
+    return sums
+
+
+def check_sums(sums_path, directory):
+    """Verifies every file listed in sums_path; returns the list of problems."""
+    problems = []
+    for name, digest in read_sums(sums_path).items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            problems.append(f"{path}: missing")
+        elif sha256_of(path) != digest:
+            problems.append(f"{path}: sha256 differs from {sums_path} (stale or modified)")
+    return problems
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", default=[TINY_LLAMA.name, TINY_QWEN2.name],
+                        help=f"models to generate (default: the committed ones; known: {', '.join(RECIPES)})")
+    parser.add_argument("--tinyllama", action="store_true",
+                        help="also generate the TinyLlama-shaped models into the model cache (several GB while running)")
+    parser.add_argument("--out-dir", default=FIXTURE_MODELS_DIR, help="directory of the committed models")
+    parser.add_argument("--cache-dir", default=os.path.join(CACHE_DIR, "models"),
+                        help="directory of the TinyLlama-shaped models (default $AIVMM_CACHE/models)")
+    parser.add_argument("--no-quantize", action="store_true", help="only write the float files (no llama_cpp needed)")
+    parser.add_argument("--check", action="store_true", help="verify the files against the recorded sha256 sums")
+    parser.add_argument("--verbose", action="store_true", help="show llama.cpp's quantization log")
+    args = parser.parse_args()
+
+    if args.check:
+        problems = check_sums(os.path.join(args.out_dir, "SHA256SUMS"), args.out_dir)
+        if args.tinyllama:
+            problems += check_sums(TINYLLAMA_SUMS, args.cache_dir)
+        for p in problems:
+            log(p)
+        log("all files match" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+
+    names = list(dict.fromkeys(args.models + ([TINYLLAMA_SHAPED.name] if args.tinyllama else [])))
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        log(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}")
+        return 2
+    llama_cpp = None if args.no_quantize else load_llama_cpp()
+    try:
+        for name in names:
+            recipe = RECIPES[name]
+            if args.no_quantize:
+                recipe = dataclasses.replace(recipe, quant_files=())
+            out_dir = args.out_dir if recipe.committed else args.cache_dir
+            written = generate(recipe, out_dir, llama_cpp, args.verbose)
+            for file_name in written:
+                log(f"  {file_name}: {os.path.getsize(os.path.join(out_dir, file_name))} bytes")
+            if not recipe.committed:
+                write_sums(TINYLLAMA_SUMS, out_dir, written)
+        committed = [f for f in os.listdir(args.out_dir) if f.endswith(".gguf")] if os.path.isdir(args.out_dir) else []
+        if committed:
+            write_sums(os.path.join(args.out_dir, "SHA256SUMS"), args.out_dir, committed)
+    except (GenError, OSError) as e:
+        log(f"error: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

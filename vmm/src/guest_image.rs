@@ -3,6 +3,7 @@
 //! starts, and which function an address is in (for fault reports).
 
 use std::io::Cursor;
+use std::sync::OnceLock;
 
 use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -50,7 +51,10 @@ pub struct KernelImage<'a> {
     pub load_start: u64,
     /// One past the highest address any segment occupies (bss included).
     pub load_end: u64,
-    symbols: Vec<Symbol>,
+    /// Offset and number of the section headers.
+    section_headers: (usize, usize),
+    /// Read on first use: only fault reports need them.
+    symbols: OnceLock<Vec<Symbol>>,
 }
 
 fn u16_at(bytes: &[u8], offset: usize) -> Option<u16> {
@@ -104,13 +108,13 @@ impl<'a> KernelImage<'a> {
         if load_end == 0 {
             return Err(ImageError::NoSegments);
         }
-        let symbols = Self::function_symbols(bytes, shoff, shnum).unwrap_or_default();
         Ok(KernelImage {
             bytes,
             entry,
             load_start,
             load_end,
-            symbols,
+            section_headers: (shoff, shnum),
+            symbols: OnceLock::new(),
         })
     }
 
@@ -155,11 +159,14 @@ impl<'a> KernelImage<'a> {
 
     /// "function+0xoffset" for an address inside a known function.
     pub fn symbolize(&self, addr: u64) -> Option<String> {
-        let index = self
-            .symbols
+        let symbols = self.symbols.get_or_init(|| {
+            let (shoff, shnum) = self.section_headers;
+            Self::function_symbols(self.bytes, shoff, shnum).unwrap_or_default()
+        });
+        let index = symbols
             .partition_point(|s| s.start <= addr)
             .checked_sub(1)?;
-        let symbol = &self.symbols[index];
+        let symbol = &symbols[index];
         (addr < symbol.start + symbol.size.max(1))
             .then(|| format!("{}+{:#x}", symbol.name, addr - symbol.start))
     }

@@ -50,8 +50,8 @@ pub mod layout {
     pub const RAM_MAX: u64 = MMIO_BASE;
     /// Base of the MMIO region (60 GiB): device registers, no memory behind it.
     pub const MMIO_BASE: u64 = 0xF_0000_0000;
-    /// Size of the MMIO region.
-    pub const MMIO_SIZE: u64 = 0x10_0000;
+    /// Size of the MMIO region (one large page).
+    pub const MMIO_SIZE: u64 = 0x20_0000;
     /// The platform device registers ([`crate::platform`]), one page.
     pub const PLATFORM_MMIO_ADDR: u64 = MMIO_BASE;
     /// The virtio-mmio console ([`crate::console`]), one page.
@@ -113,7 +113,7 @@ pub struct BootInfo {
     /// The result is reported as [`report::SELFTEST_CHECKSUM`].
     pub selftest_elements: u64,
     /// Benchmark: number of MMIO round trips to time (0 = skip); reported as
-    /// [`report::MMIO_EXIT_TSC`].
+    /// [`report::MMIO_EXIT_TSC`] and [`report::IOEVENTFD_EXIT_TSC`].
     pub bench_mmio_exits: u64,
     /// Benchmark: bytes of fresh heap to touch page by page (0 = skip);
     /// reported as [`report::FIRST_TOUCH_TSC_PER_PAGE`] and
@@ -162,6 +162,10 @@ pub mod platform {
     pub const REPORT: u64 = 0x30;
     /// W (any value): does nothing but count; used to time a VM exit.
     pub const PING: u64 = 0x38;
+    /// W (any value): like PING, but the VMM puts an ioeventfd on it, so KVM
+    /// completes the write in the kernel without returning to the VMM: it
+    /// times the cheaper kind of exit that queue notifications can use.
+    pub const PING_IOEVENTFD: u64 = 0x40;
     /// Value read from [`MAGIC`] ("AIVMPLAT" as little-endian bytes).
     pub const PLATFORM_MAGIC: u64 = u64::from_le_bytes(*b"AIVMPLAT");
     /// [`WAKE`] value that wakes every vCPU.
@@ -210,7 +214,7 @@ pub mod report {
     pub const SELFTEST_CHECKSUM: u64 = 1;
     /// SIMD level the self-test used: one of `crate::selftest::SIMD_*`.
     pub const SELFTEST_SIMD: u64 = 2;
-    /// Average TSC ticks per MMIO round trip (PING writes).
+    /// Average TSC ticks per MMIO round trip through the VMM (PING writes).
     pub const MMIO_EXIT_TSC: u64 = 3;
     /// Average TSC ticks to touch a never-touched 4 KiB heap page.
     pub const FIRST_TOUCH_TSC_PER_PAGE: u64 = 4;
@@ -221,6 +225,8 @@ pub mod report {
     /// The first 8 bytes of the model window (little-endian), read by the
     /// guest at boot when a model of at least 8 bytes is mapped.
     pub const MODEL_FIRST_BYTES: u64 = 7;
+    /// Average TSC ticks per ioeventfd-completed write (PING_IOEVENTFD).
+    pub const IOEVENTFD_EXIT_TSC: u64 = 8;
 }
 
 /// The self-test the guest runs when [`BootInfo::selftest_elements`] is set: a

@@ -114,3 +114,7 @@ pub fn report(key: u64, value: u64) {
 pub fn ping() {
     write(reg::PING, 0);
 }
+
+pub fn ping_ioeventfd() {
+    write(reg::PING_IOEVENTFD, 0);
+}

@@ -161,15 +161,23 @@ pub fn checksum(elements: u64) {
     );
 }
 
-/// Times `count` MMIO round trips (writes to the PING register).
+/// Times `count` MMIO round trips through the VMM (PING) and `count` writes
+/// that KVM completes with an ioeventfd (PING_IOEVENTFD).
 pub fn bench_mmio_exits(count: u64) {
-    let start = time::rdtsc();
-    for _ in 0..count {
-        platform::ping();
-    }
-    let per_exit = (time::rdtsc() - start) / count;
+    let time_writes = |write: fn()| {
+        let start = time::rdtsc();
+        for _ in 0..count {
+            write();
+        }
+        (time::rdtsc() - start) / count
+    };
+    let per_exit = time_writes(platform::ping);
+    let per_ioeventfd = time_writes(platform::ping_ioeventfd);
     platform::report(report::MMIO_EXIT_TSC, per_exit);
-    println!("bench: {count} MMIO exits, {per_exit} TSC ticks each");
+    platform::report(report::IOEVENTFD_EXIT_TSC, per_ioeventfd);
+    println!(
+        "bench: {count} MMIO exits, {per_exit} TSC ticks each; {count} ioeventfd writes, {per_ioeventfd} ticks each"
+    );
 }
 
 /// Times the first and the second touch of every 4 KiB page of `bytes` of

@@ -366,6 +366,7 @@ pub struct RunningPartition {
     // memory its memslots point to.
     vm: Option<Vm>,
     _model: Option<ModelWindow>,
+    _ping_ioeventfd: vmm_sys_util::eventfd::EventFd,
 }
 
 /// Builds the partition and starts its vCPUs.
@@ -476,6 +477,8 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
     bus.insert(PLATFORM_MMIO_ADDR, DEVICE_MMIO_SIZE, platform.clone())?;
     bus.insert(CONSOLE_MMIO_ADDR, DEVICE_MMIO_SIZE, console.clone())?;
     let bus = Arc::new(bus);
+    let ping_ioeventfd =
+        vm.register_ioeventfd(PLATFORM_MMIO_ADDR + aivmm_guest_abi::platform::PING_IOEVENTFD)?;
     vcpu_thread::install_kick_handler().map_err(PartitionError::KickSignal)?;
 
     let shared = Arc::new(Shared {
@@ -501,6 +504,7 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
         tsc_khz,
         vm: Some(vm),
         _model: model,
+        _ping_ioeventfd: ping_ioeventfd,
     };
     for (index, fd) in (0..vcpus).zip(vcpu_fds) {
         let thread = VcpuThread {

@@ -235,10 +235,8 @@ pub fn write_page_tables(
         });
     }
 
-    let mut tables = TableAllocator {
-        memory,
-        next: PAGE_TABLES_ADDR,
-    };
+    // Built in host memory, then written to the guest in one copy.
+    let mut tables = PageTables { tables: Vec::new() };
     let pml4 = tables.allocate()?;
     for mapping in mappings {
         let mut addr = mapping.start;
@@ -252,48 +250,42 @@ pub fn write_page_tables(
             addr += size;
         }
     }
+    let bytes: Vec<u8> = tables
+        .tables
+        .iter()
+        .flatten()
+        .flat_map(|entry| entry.to_le_bytes())
+        .collect();
+    memory
+        .write_slice(&bytes, GuestAddress(PAGE_TABLES_ADDR))
+        .map_err(|source| LayoutError::GuestMemory {
+            what: "the page tables",
+            source,
+        })?;
     Ok(pml4)
 }
 
-struct TableAllocator<'a> {
-    memory: &'a GuestMemoryMmap,
-    next: u64,
+/// Page tables under construction: table i will live at
+/// `PAGE_TABLES_ADDR + i * PAGE_SIZE` in the guest.
+struct PageTables {
+    tables: Vec<[u64; 512]>,
 }
 
-impl TableAllocator<'_> {
+impl PageTables {
+    /// A new empty table; returns its guest-physical address.
     fn allocate(&mut self) -> Result<u64, LayoutError> {
-        if self.next + PAGE_SIZE > PAGE_TABLES_END {
+        let addr = PAGE_TABLES_ADDR + self.tables.len() as u64 * PAGE_SIZE;
+        if addr + PAGE_SIZE > PAGE_TABLES_END {
             return Err(LayoutError::PageTablesFull {
                 limit: PAGE_TABLES_END - PAGE_TABLES_ADDR,
             });
         }
-        let table = self.next;
-        self.next += PAGE_SIZE;
-        self.memory
-            .write_slice(&[0u8; PAGE_SIZE as usize], GuestAddress(table))
-            .map_err(|source| LayoutError::GuestMemory {
-                what: "a page table",
-                source,
-            })?;
-        Ok(table)
+        self.tables.push([0; 512]);
+        Ok(addr)
     }
 
-    fn read_entry(&self, table: u64, index: u64) -> Result<u64, LayoutError> {
-        self.memory
-            .read_obj(GuestAddress(table + index * 8))
-            .map_err(|source| LayoutError::GuestMemory {
-                what: "a page table",
-                source,
-            })
-    }
-
-    fn write_entry(&self, table: u64, index: u64, entry: u64) -> Result<(), LayoutError> {
-        self.memory
-            .write_obj(entry, GuestAddress(table + index * 8))
-            .map_err(|source| LayoutError::GuestMemory {
-                what: "a page table",
-                source,
-            })
+    fn entry(&mut self, table: u64, index: u64) -> &mut u64 {
+        &mut self.tables[((table - PAGE_TABLES_ADDR) / PAGE_SIZE) as usize][index as usize]
     }
 
     /// Maps one page of `size` at `addr` (identity), creating tables on the way.
@@ -307,18 +299,19 @@ impl TableAllocator<'_> {
         let mut table = pml4;
         for level in (leaf_level + 1..=3).rev() {
             let index = (addr >> (12 + 9 * level)) & 0x1ff;
-            let entry = self.read_entry(table, index)?;
+            let entry = *self.entry(table, index);
             table = if entry & PRESENT != 0 {
                 entry & ADDRESS
             } else {
                 let next = self.allocate()?;
-                self.write_entry(table, index, next | PRESENT | WRITABLE | USER)?;
+                *self.entry(table, index) = next | PRESENT | WRITABLE | USER;
                 next
             };
         }
         let index = (addr >> (12 + 9 * leaf_level)) & 0x1ff;
         let large = if leaf_level > 0 { LARGE } else { 0 };
-        self.write_entry(table, index, addr | flags | large)
+        *self.entry(table, index) = addr | flags | large;
+        Ok(())
     }
 }
 

@@ -1,8 +1,9 @@
 //! The KVM VM: memslots for guest RAM and the read-only model window.
 
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -23,6 +24,13 @@ pub enum VmError {
     },
     #[error("cannot read the CPUID KVM supports: {0}")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot register an ioeventfd at guest-physical {addr:#x}: {source}")]
+    IoEventFd {
+        addr: u64,
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// One KVM VM.
@@ -93,6 +101,16 @@ impl Vm {
             return Err(VmError::MissingCapability("READONLY_MEM"));
         }
         self.add_memslot(what, guest_addr, size, host_addr, KVM_MEM_READONLY)
+    }
+
+    /// An eventfd that KVM signals for every guest write to the MMIO address
+    /// `addr` (any length, any value), completing the write in the kernel.
+    pub fn register_ioeventfd(&self, addr: u64) -> Result<EventFd, VmError> {
+        let event = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        self.fd
+            .register_ioevent(&event, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|source| VmError::IoEventFd { addr, source })?;
+        Ok(event)
     }
 
     fn add_memslot(

@@ -101,7 +101,7 @@ pub(super) fn hsum(v: __m256) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn hsum_all<const R: usize, const C: usize>(acc: [[__m256; C]; R]) -> [[f32; C]; R] {
-    acc.map(|row| row.map(|v| hsum(v)))
+    array_of!([0.0; C]; R, |r| array_of!(0.0; C, |c| hsum(acc[r][c])))
 }
 
 /// Sums adjacent i16 pairs of `x` into i32 lanes.
@@ -143,8 +143,8 @@ unsafe fn q8_0<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
         for b in 0..nb {
-            let aq = a.map(|p| load256(p.add(b * 34 + 2)));
-            let ad = a.map(|p| f16_at(p.add(b * 34)));
+            let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 34 + 2)));
+            let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 34)));
             for r in 0..R {
                 let x = w[r].add(b * 34);
                 let wq = load256(x.add(2));
@@ -167,9 +167,9 @@ unsafe fn q4_0<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
         for b in 0..nb {
-            let aq = a.map(|p| load256(p.add(b * 34 + 2)));
-            let ad = a.map(|p| f16_at(p.add(b * 34)));
-            let offset = aq.map(|q| _mm256_maddubs_epi16(_mm256_set1_epi8(8), q));
+            let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 34 + 2)));
+            let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 34)));
+            let offset = array_of!(_mm256_setzero_si256(); C, |c| _mm256_maddubs_epi16(_mm256_set1_epi8(8), aq[c]));
             for r in 0..R {
                 let x = w[r].add(b * 18);
                 let wq = nibbles_32(x.add(2));
@@ -192,9 +192,9 @@ unsafe fn q5_0<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
         for b in 0..nb {
-            let aq = a.map(|p| load256(p.add(b * 34 + 2)));
-            let ad = a.map(|p| f16_at(p.add(b * 34)));
-            let offset = aq.map(|q| _mm256_maddubs_epi16(_mm256_set1_epi8(16), q));
+            let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 34 + 2)));
+            let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 34)));
+            let offset = array_of!(_mm256_setzero_si256(); C, |c| _mm256_maddubs_epi16(_mm256_set1_epi8(16), aq[c]));
             for r in 0..R {
                 let x = w[r].add(b * 22);
                 let wq = _mm256_or_si256(nibbles_32(x.add(6)), bits_to_0x10(x.add(2)));
@@ -235,9 +235,9 @@ unsafe fn offset_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
         for b in 0..nb {
-            let aq = a.map(|p| load256(p.add(b * 36 + 4)));
-            let ad = a.map(|p| f16_at(p.add(b * 36)));
-            let asum = a.map(|p| f16_at(p.add(b * 36 + 2)));
+            let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 36 + 4)));
+            let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 36)));
+            let asum = array_of!(0.0; C, |c| f16_at(a[c].add(b * 36 + 2)));
             for r in 0..R {
                 let x = w[r].add(b * block);
                 let wq = if FIVE_BITS {
@@ -325,16 +325,16 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
         for b in 0..nb {
-            let y = a.map(|p| p.add(b * 292));
-            let ad = y.map(|p| f32_at(p));
-            let asums = y.map(|p| q8_k_sub_sums(p));
-            let x = w.map(|p| p.add(b * block));
-            let scales_mins = x.map(|p| k4_scales_mins(p.add(4)));
-            let scales = scales_mins.map(|v| _mm256_permute2x128_si256::<0x00>(v, v));
+            let y = array_of!(a[0]; C, |c| a[c].add(b * 292));
+            let ad = array_of!(0.0; C, |c| f32_at(y[c]));
+            let asums = array_of!(_mm_setzero_si128(); C, |c| q8_k_sub_sums(y[c]));
+            let x = array_of!(w[0]; R, |r| w[r].add(b * block));
+            let scales_mins = array_of!(low4; R, |r| k4_scales_mins(x[r].add(4)));
+            let scales = array_of!(low4; R, |r| _mm256_permute2x128_si256::<0x00>(scales_mins[r], scales_mins[r]));
             // Q5_K high bits: bit s of each qh byte is moved to bit 4, for s < 4 by
             // shifting (qh << 4) right s times, for s >= 4 by shifting qh right s - 4 times
             // (16-bit shifts: the bits crossing between bytes never land on bit 4).
-            let mut high = x.map(|p| if FIVE_BITS { _mm256_slli_epi16::<4>(load256(p.add(16))) } else { low4 });
+            let mut high = array_of!(low4; R, |r| if FIVE_BITS { _mm256_slli_epi16::<4>(load256(x[r].add(16))) } else { low4 });
             let mut sums = [[_mm256_setzero_si256(); C]; R];
             for j in 0..4 {
                 let mut lo = [low4; R];
@@ -387,11 +387,11 @@ unsafe fn q6_k<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
         for b in 0..nb {
-            let y = a.map(|p| p.add(b * 292));
-            let ad = y.map(|p| f32_at(p));
-            let bsums = y.map(|p| load256(p.add(260)));
-            let x = w.map(|p| p.add(b * 210));
-            let scales = x.map(|p| _mm256_cvtepi8_epi16(load128(p.add(192))));
+            let y = array_of!(a[0]; C, |c| a[c].add(b * 292));
+            let ad = array_of!(0.0; C, |c| f32_at(y[c]));
+            let bsums = array_of!(low4; C, |c| load256(y[c].add(260)));
+            let x = array_of!(w[0]; R, |r| w[r].add(b * 210));
+            let scales = array_of!(low4; R, |r| _mm256_cvtepi8_epi16(load128(x[r].add(192))));
             let mut sums = [[_mm256_setzero_si256(); C]; R];
             for r in 0..R {
                 for c in 0..C {
@@ -401,11 +401,11 @@ unsafe fn q6_k<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
             }
             for half in 0..2 {
                 // Scales 8 * half .. 8 * half + 8 in both 128-bit lanes.
-                let sc = scales.map(|s| {
+                let sc = array_of!(low4; R, |r| {
                     if half == 0 {
-                        _mm256_permute2x128_si256::<0x00>(s, s)
+                        _mm256_permute2x128_si256::<0x00>(scales[r], scales[r])
                     } else {
-                        _mm256_permute2x128_si256::<0x11>(s, s)
+                        _mm256_permute2x128_si256::<0x11>(scales[r], scales[r])
                     }
                 });
                 let mut q6 = [[low4; 4]; R];
@@ -496,7 +496,7 @@ unsafe fn floats<const R: usize, const C: usize, const KIND: u8>(
     // SAFETY: every offset is below n values.
     unsafe {
         for i in (0..full).step_by(8) {
-            let av = a.map(|p| load_floats8::<KIND>(p.add(i * size)));
+            let av = array_of!(_mm256_setzero_ps(); C, |c| load_floats8::<KIND>(a[c].add(i * size)));
             for r in 0..R {
                 let wv = load_floats8::<KIND>(w[r].add(i * size));
                 for c in 0..C {
@@ -564,8 +564,8 @@ fn load8(x: &[f32], at: usize) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn round_32_to_i8(v: [__m256; 4], scale: __m256, out: &mut [u8]) -> __m256i {
-    let q = v.map(|v| {
-        let scaled = _mm256_mul_ps(v, scale);
+    let q = array_of!(_mm256_setzero_si256(); 4, |i| {
+        let scaled = _mm256_mul_ps(v[i], scale);
         _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(scaled))
     });
     let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
@@ -590,7 +590,7 @@ fn hmax(v: __m256) -> f32 {
 fn quantize_q8_0_block(with_sum: bool, x: &[f32], y: &mut [u8]) {
     let v: [__m256; 4] = core::array::from_fn(|i| load8(x, 8 * i));
     let sign = _mm256_set1_ps(-0.0);
-    let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+    let abs = array_of!(sign; 4, |i| _mm256_andnot_ps(sign, v[i]));
     let amax = hmax(_mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3])));
     let d = amax / 127.0;
     let inverse = if amax != 0.0 { 127.0 / amax } else { 0.0 };

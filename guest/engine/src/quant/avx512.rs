@@ -244,8 +244,8 @@ unsafe fn blocks32<const R: usize, const C: usize, const VNNI: bool, const KIND:
             let count = (nb - first).min(8);
             // Per-block products of weight and activation scales: lanes 0..8 row A, 8..16 row B.
             let mut scales = [[_mm512_setzero_ps(); C]; R];
-            let act_scales = a.map(|p| {
-                let s = gather_scales8(p, 34, first, count);
+            let act_scales = array_of!(_mm512_setzero_ps(); C, |c| {
+                let s = gather_scales8(a[c], 34, first, count);
                 join_ps(s, s)
             });
             for p in 0..pairs {
@@ -269,10 +269,12 @@ unsafe fn blocks32<const R: usize, const C: usize, const VNNI: bool, const KIND:
                         8 + lane, 8 + lane, 8 + lane, 8 + lane, lane, lane, lane, lane,
                     )
                 };
-                let act = a.map(|p| act_block32::<KIND>(p.add(b * 34 + 2)));
+                let act = array_of!(_mm512_setzero_si512(); C, |c| act_block32::<KIND>(a[c].add(b * 34 + 2)));
                 // Each i32 lane starts at -(offset * sum of its activations), cancelling the
                 // offset that made the weights unsigned (VNNI Q8_0: +128; Q4_0: -8; Q5_0: -16).
-                let start = act.map(|x| _mm512_sub_epi32(_mm512_setzero_si512(), dot_u8_i8::<VNNI>(_mm512_setzero_si512(), offset, x)));
+                let start = array_of!(_mm512_setzero_si512(); C, |c| {
+                    _mm512_sub_epi32(_mm512_setzero_si512(), dot_u8_i8::<VNNI>(_mm512_setzero_si512(), offset, act[c]))
+                });
                 for p in 0..pairs {
                     let (ra, rb) = rows(p);
                     let wq = weight_pair32::<VNNI, KIND>(ra.add(b * bs), rb.add(b * bs));
@@ -290,8 +292,9 @@ unsafe fn blocks32<const R: usize, const C: usize, const VNNI: bool, const KIND:
             }
         }
         let (mask_a, mask_b) = if KIND == Q8_0 { (0x00ff, 0xff00) } else { (0x0f0f, 0xf0f0) };
-        core::array::from_fn(|r| {
-            core::array::from_fn(|c| _mm512_mask_reduce_add_ps(if r % 2 == 0 { mask_a } else { mask_b }, acc[r / 2][c]))
+        array_of!([0.0; C]; R, |r| {
+            let mask = if r % 2 == 0 { mask_a } else { mask_b };
+            array_of!(0.0; C, |c| _mm512_mask_reduce_add_ps(mask, acc[r / 2][c]))
         })
     }
 }
@@ -359,15 +362,15 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const VNNI: bool, const FIVE
         let low4 = _mm512_set1_epi8(0x0f);
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         for b in 0..nb {
-            let y = a.map(|p| p.add(b * 292));
-            let x = w.map(|p| p.add(b * block));
-            let scales_mins = x.map(|p| k4_scales_mins(p.add(4)));
-            let scales = scales_mins.map(|v| _mm512_castsi256_si512(v));
+            let y = array_of!(a[0]; C, |c| a[c].add(b * 292));
+            let x = array_of!(w[0]; R, |r| w[r].add(b * block));
+            let scales_mins = array_of!(_mm256_setzero_si256(); R, |r| k4_scales_mins(x[r].add(4)));
+            let scales = array_of!(_mm512_setzero_si512(); R, |r| _mm512_castsi256_si512(scales_mins[r]));
             // Q5_K: qh (bit j of byte l is bit 4 of value 32j + l) next to qh >> 2, so that
             // sub-blocks j and j + 2 find their bit at the same position.
-            let high = x.map(|p| {
+            let high = array_of!(low4; R, |r| {
                 if FIVE_BITS {
-                    let qh = load256(p.add(16));
+                    let qh = load256(x[r].add(16));
                     join(qh, _mm256_srli_epi16::<2>(qh))
                 } else {
                     low4
@@ -419,8 +422,15 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const VNNI: bool, const FIVE
                 }
             }
         }
-        acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
+        reduce_all(&acc)
     }
+}
+
+/// Horizontal sums of every accumulator.
+#[inline(always)]
+unsafe fn reduce_all<const R: usize, const C: usize>(acc: &[[__m512; C]; R]) -> [[f32; C]; R] {
+    // SAFETY: register-only AVX-512F operations.
+    unsafe { array_of!([0.0; C]; R, |r| array_of!(0.0; C, |c| _mm512_reduce_add_ps(acc[r][c]))) }
 }
 
 /// Q6_K x Q8_K. The low nibbles of 64 `ql` bytes with 2 bits of `qh` each are
@@ -437,9 +447,9 @@ unsafe fn q6_k<const R: usize, const C: usize, const VNNI: bool>(
         let low4 = _mm512_set1_epi8(0x0f);
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         for b in 0..nb {
-            let y = a.map(|p| p.add(b * 292));
-            let x = w.map(|p| p.add(b * 210));
-            let scales = x.map(|p| _mm256_cvtepi8_epi16(load128(p.add(192))));
+            let y = array_of!(a[0]; C, |c| a[c].add(b * 292));
+            let x = array_of!(w[0]; R, |r| w[r].add(b * 210));
+            let scales = array_of!(_mm256_setzero_si256(); R, |r| _mm256_cvtepi8_epi16(load128(x[r].add(192))));
             let mut sums = [[_mm512_setzero_si512(); C]; R];
             for c in 0..C {
                 let bsums = load256(y[c].add(260));
@@ -471,7 +481,7 @@ unsafe fn q6_k<const R: usize, const C: usize, const VNNI: bool>(
                         s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1,
                         s, s, s, s, s, s, s, s,
                     );
-                    let sc = scales.map(|v| _mm512_permutexvar_epi16(pick, _mm512_castsi256_si512(v)));
+                    let sc = array_of!(low4; R, |r| _mm512_permutexvar_epi16(pick, _mm512_castsi256_si512(scales[r])));
                     for c in 0..C {
                         let act = load512(y[c].add(4 + 64 * t));
                         for r in 0..R {
@@ -488,6 +498,6 @@ unsafe fn q6_k<const R: usize, const C: usize, const VNNI: bool>(
                 }
             }
         }
-        acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
+        reduce_all(&acc)
     }
 }

@@ -10,6 +10,20 @@
 //! [`avx512`] are the fast paths, chosen at run time from what the CPU and the
 //! OS support ([`Kernels::detect`]).
 
+/// `[e(0), e(1), .., e(N - 1)]` built with a plain loop: closures handed to
+/// `array::map` are not reliably inlined into `#[target_feature]` code, and a
+/// call per element would ruin the kernels.
+macro_rules! array_of {
+    ($init:expr; $n:expr, |$i:ident| $e:expr) => {{
+        let mut out = [$init; $n];
+        #[allow(clippy::needless_range_loop)]
+        for $i in 0..$n {
+            out[$i] = $e;
+        }
+        out
+    }};
+}
+
 mod avx2;
 mod avx512;
 mod cpu;

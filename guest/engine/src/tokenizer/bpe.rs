@@ -6,8 +6,6 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::cmp::Ordering;
 
-use hashbrown::HashMap;
-
 use super::symbols::Symbol;
 
 /// GPT-2's printable stand-in for every byte: printable Latin-1 bytes map to
@@ -81,42 +79,6 @@ pub fn decode_text(text: &str, out: &mut Vec<u8>) {
     }
 }
 
-/// Merge ranks keyed by the pair of texts, borrowed from the `merges` strings.
-pub struct MergeRanks<'a> {
-    ranks: HashMap<(&'a str, &'a str), u32>,
-}
-
-impl<'a> MergeRanks<'a> {
-    /// Parses "left right" lines; the first occurrence of a pair keeps its rank,
-    /// and a line without a separating space counts as the empty pair (as in llama.cpp).
-    pub fn new(merges: &[&'a str]) -> Self {
-        let mut ranks = HashMap::with_capacity(merges.len());
-        for (rank, line) in merges.iter().enumerate() {
-            // The separator is the first space after the first byte (a merge may start with a space).
-            let space = line.bytes().skip(1).position(|b| b == b' ').map(|i| i + 1);
-            let pair = match space {
-                Some(i) => (&line[..i], &line[i + 1..]),
-                None => ("", ""),
-            };
-            ranks.entry(pair).or_insert(rank as u32);
-        }
-        MergeRanks { ranks }
-    }
-
-    pub fn len(&self) -> usize {
-        self.ranks.len()
-    }
-
-    pub fn rank<'t>(&self, left: &'t str, right: &'t str) -> Option<u32>
-    where
-        'a: 't,
-    {
-        // Shorten the key lifetime: the map is covariant in its keys.
-        let ranks: &HashMap<(&'t str, &'t str), u32> = &self.ranks;
-        ranks.get(&(left, right)).copied()
-    }
-}
-
 /// A candidate merge in the work queue: the lowest rank pops first, then the leftmost.
 #[derive(PartialEq, Eq)]
 struct Bigram {
@@ -143,7 +105,7 @@ impl PartialOrd for Bigram {
 
 /// Runs the merges over one pre-tokenized, GPT-2 encoded word and returns the
 /// surviving symbols (as byte ranges of `word`) in order.
-pub fn merge_word(word: &str, ranks: &MergeRanks<'_>, symbols: &mut Vec<Symbol>) {
+pub fn merge_word(word: &str, rank: impl Fn(&str, &str) -> Option<u32>, symbols: &mut Vec<Symbol>) {
     symbols.clear();
     Symbol::split_chars(word, symbols);
     let mut queue = BinaryHeap::new();
@@ -152,7 +114,7 @@ pub fn merge_word(word: &str, ranks: &MergeRanks<'_>, symbols: &mut Vec<Symbol>)
             return;
         }
         let (l, r) = (&symbols[left as usize], &symbols[right as usize]);
-        if let Some(rank) = ranks.rank(l.text(word), r.text(word)) {
+        if let Some(rank) = rank(l.text(word), r.text(word)) {
             queue.push(Bigram {
                 rank,
                 left: left as usize,

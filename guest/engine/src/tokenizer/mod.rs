@@ -10,14 +10,30 @@
 //!   bytes map to printable characters, and pairs merge by merge rank.
 //!
 //! Before either runs, special tokens are cut out of the text
-//! ([`special`]): user-defined tokens always, control tokens only when the
+//! (module `special`): user-defined tokens always, control tokens only when the
 //! caller asks to parse specials (for chat templates).
 //!
 //! The core works from a plain [`VocabSpec`]; [`Tokenizer::from_gguf`] fills
 //! one from a model file with llama.cpp's defaults.
+//!
+//! Supported `tokenizer.ggml.pre` values ([`PreTokenizer::from_gguf_name`]):
+//! none or "default"; the GPT-2 family ("gpt-2", "phi-2", "mpt", "olmo", ...);
+//! the Llama 3 family ("llama-bpe", "llama3", "dbrx", "smaug-bpe", ...); the
+//! Qwen2 family ("qwen2", "deepseek-r1-qwen", "stablelm2", ...); and the
+//! StarCoder family ("smollm", "starcoder", "refact", ...). Other values are
+//! refused with an error naming them (llama.cpp has more hand-made ones, and
+//! refuses names it does not know too).
+//!
+//! Known differences from llama.cpp, all on malformed vocabularies: a
+//! character that neither a token nor byte tokens cover becomes `<unk>`
+//! (llama.cpp throws); empty token texts are never matched (llama.cpp names
+//! them `[EMPTY_<id>]`); among special tokens of equal length, the lower id
+//! is tried first (llama.cpp's order there is its sort's); the LSTRIP/RSTRIP
+//! attributes llama.cpp sets for a few models by name (Phi-3, Jina) are not applied.
 
 mod bpe;
 mod gguf_vocab;
+mod index;
 mod pretokenize;
 mod special;
 mod spm;
@@ -30,11 +46,10 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use hashbrown::HashMap;
-
 pub use pretokenize::{PreTokenizer, PreTokenizerDefaults};
 pub use stream::StreamDecoder;
 
+use index::{MergeIndex, TokenIndex};
 use special::{Fragment, SpecialTokens};
 use symbols::Symbol;
 
@@ -291,8 +306,10 @@ pub struct Tokenizer<'a> {
     tokens: Vec<&'a str>,
     scores: Vec<f32>,
     attrs: Vec<u8>,
-    token_to_id: HashMap<&'a str, u32>,
-    merges: bpe::MergeRanks<'a>,
+    index: TokenIndex,
+    /// BPE merge lines, and (left, right) -> rank over them.
+    merges: Vec<&'a str>,
+    merge_index: MergeIndex,
     special_tokens: SpecialTokens,
     /// SentencePiece byte fallback: the token for each byte, if any.
     byte_tokens: [Option<u32>; 256],
@@ -315,7 +332,7 @@ impl fmt::Debug for Tokenizer<'_> {
             .field("kind", &self.kind)
             .field("pre", &self.pre)
             .field("n_vocab", &self.tokens.len())
-            .field("n_merges", &self.merges.len())
+            .field("n_merges", &self.merge_index.len())
             .field("special", &self.special)
             .field("eog", &self.eog)
             .finish_non_exhaustive()
@@ -363,25 +380,14 @@ impl<'a> Tokenizer<'a> {
         for text in tokens.iter_mut().filter(|t| t.as_bytes().contains(&0)) {
             *text = text.split('\0').next().unwrap_or_default();
         }
-        let mut token_to_id: HashMap<&'a str, u32> = HashMap::with_capacity(n);
-        for (id, &text) in tokens.iter().enumerate() {
-            // llama.cpp renames empty tokens "[EMPTY_<id>]"; here they are never matched.
-            if text.is_empty() {
-                continue;
-            }
-            match token_to_id.entry(text) {
-                hashbrown::hash_map::Entry::Occupied(first) => {
-                    return Err(TokenizerError::DuplicateToken {
-                        text: String::from(text),
-                        first: *first.get(),
-                        second: id as u32,
-                    })
-                }
-                hashbrown::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(id as u32);
-                }
-            }
-        }
+        // llama.cpp renames empty tokens "[EMPTY_<id>]"; here they are never matched.
+        let index =
+            TokenIndex::new(&tokens).map_err(|(first, second)| TokenizerError::DuplicateToken {
+                text: String::from(tokens[second as usize]),
+                first,
+                second,
+            })?;
+        let lookup = |text: &str| index.get(&tokens, text);
 
         let mut special = spec.special;
         for (which, id) in special_id_fields(&special) {
@@ -407,7 +413,7 @@ impl<'a> Tokenizer<'a> {
                 which: "EOS",
             });
         }
-        let eog = detect_roles(&tokens, &token_to_id, &mut attrs, &mut special);
+        let eog = detect_roles(&tokens, lookup, &mut attrs, &mut special);
 
         let special_tokens =
             SpecialTokens::new(tokens.iter().enumerate().filter_map(|(id, &text)| {
@@ -427,18 +433,15 @@ impl<'a> Tokenizer<'a> {
                 let hex = core::str::from_utf8(&hex).unwrap_or_default();
                 let single = [b as u8];
                 let single = core::str::from_utf8(&single).ok();
-                *slot = token_to_id
-                    .get(hex)
-                    .or_else(|| single.and_then(|s| token_to_id.get(s)))
-                    .copied();
+                *slot = lookup(hex).or_else(|| single.and_then(lookup));
             }
         }
 
-        let merges = bpe::MergeRanks::new(if spec.kind == TokenizerKind::BytePairEncoding {
-            &spec.merges
-        } else {
-            &[]
-        });
+        let merges = match spec.kind {
+            TokenizerKind::BytePairEncoding => spec.merges,
+            TokenizerKind::SentencePiece => Vec::new(),
+        };
+        let merge_index = MergeIndex::new(&merges);
 
         let mut tokenizer = Tokenizer {
             kind: spec.kind,
@@ -446,8 +449,9 @@ impl<'a> Tokenizer<'a> {
             tokens,
             scores,
             attrs,
-            token_to_id,
+            index,
             merges,
+            merge_index,
             special_tokens,
             byte_tokens,
             piece_spans: Vec::new(),
@@ -477,16 +481,10 @@ impl<'a> Tokenizer<'a> {
                 continue;
             } else if attr & ATTR_NORMAL != 0 {
                 match self.kind {
-                    TokenizerKind::SentencePiece if !has_escaped_space(text) => {
-                        spans.push(PIECE_IS_TEXT);
-                        continue;
-                    }
                     TokenizerKind::SentencePiece => {
-                        for (i, part) in text.split('\u{2581}').enumerate() {
-                            if i > 0 {
-                                bytes.push(b' ');
-                            }
-                            bytes.extend_from_slice(part.as_bytes());
+                        if !unescape_spaces(text, &mut bytes) {
+                            spans.push(PIECE_IS_TEXT);
+                            continue;
                         }
                     }
                     // Printable ASCII stands for itself in GPT-2's byte mapping.
@@ -564,12 +562,12 @@ impl<'a> Tokenizer<'a> {
         escaped.extend(text.chars().map(|c| if c == ' ' { '\u{2581}' } else { c }));
         spm::merge(
             escaped,
-            |s| self.token_to_id.get(s).map(|&id| self.scores[id as usize]),
+            |s| self.lookup(s).map(|id| self.scores[id as usize]),
             symbols,
         );
         for symbol in symbols.iter() {
             let piece = symbol.text(escaped);
-            if let Some(&id) = self.token_to_id.get(piece) {
+            if let Some(id) = self.lookup(piece) {
                 out.push(id);
                 continue;
             }
@@ -610,23 +608,26 @@ impl<'a> Tokenizer<'a> {
             char_start += len;
             byte_start += byte_len;
             if self.ignore_merges {
-                if let Some(&id) = self.token_to_id.get(word.as_str()) {
+                if let Some(id) = self.lookup(word) {
                     out.push(id);
                     continue;
                 }
             }
-            bpe::merge_word(word, &self.merges, symbols);
+            bpe::merge_word(
+                word,
+                |l, r| self.merge_index.rank(&self.merges, l, r),
+                symbols,
+            );
             for symbol in symbols.iter() {
                 let piece = symbol.text(word);
-                match self.token_to_id.get(piece) {
-                    Some(&id) => out.push(id),
+                match self.lookup(piece) {
+                    Some(id) => out.push(id),
                     // llama.cpp then looks up each raw byte of the encoded text as a token.
                     None => out.extend(piece.bytes().filter_map(|b| {
                         let single = [b];
                         core::str::from_utf8(&single)
                             .ok()
-                            .and_then(|s| self.token_to_id.get(s))
-                            .copied()
+                            .and_then(|s| self.lookup(s))
                     })),
                 }
             }
@@ -703,8 +704,12 @@ impl<'a> Tokenizer<'a> {
         self.add_eos
     }
 
+    fn lookup(&self, text: &str) -> Option<u32> {
+        self.index.get(&self.tokens, text)
+    }
+
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.token_to_id.get(text).copied()
+        self.lookup(text)
     }
 
     /// The token's text as stored in the vocabulary ("" outside it).
@@ -735,10 +740,26 @@ impl<'a> Tokenizer<'a> {
     }
 }
 
-/// Whether `text` contains U+2581 (E2 96 81); a byte scan, cheaper than a
-/// `str` search when run over a whole vocabulary.
-fn has_escaped_space(text: &str) -> bool {
-    text.as_bytes().windows(3).any(|w| w == [0xE2, 0x96, 0x81])
+/// Appends `text` with U+2581 (E2 96 81) turned into spaces, if it has any;
+/// returns false (appending nothing) if it has none. A byte scan: this runs
+/// over whole vocabularies.
+fn unescape_spaces(text: &str, out: &mut Vec<u8>) -> bool {
+    const ESCAPED: [u8; 3] = [0xE2, 0x96, 0x81];
+    let bytes = text.as_bytes();
+    if !bytes.windows(3).any(|w| w == ESCAPED) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(&ESCAPED) {
+            out.push(b' ');
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    true
 }
 
 /// Marks a token whose decoded bytes are its text.
@@ -874,12 +895,11 @@ const ALWAYS_RENDERED_TEXTS: &[&str] =
 /// adds to them, and the resulting end-of-generation set (sorted).
 fn detect_roles(
     tokens: &[&str],
-    token_to_id: &HashMap<&str, u32>,
+    lookup: impl Fn(&str) -> Option<u32>,
     attrs: &mut [u8],
     special: &mut SpecialIds,
 ) -> Vec<u32> {
-    let lookup =
-        |texts: &'static [&'static str]| texts.iter().filter_map(|t| token_to_id.get(t).copied());
+    let ids_of = |texts: &'static [&'static str]| texts.iter().filter_map(|t| lookup(t));
     {
         let roles: [(&mut Option<u32>, &[&str]); 8] = [
             (&mut special.eot, EOT_TEXTS),
@@ -894,7 +914,7 @@ fn detect_roles(
         // llama.cpp walks a hash map and keeps the first match; we take the lowest id.
         for (slot, texts) in roles {
             if slot.is_none() {
-                if let Some(id) = lookup(texts).min() {
+                if let Some(id) = ids_of(texts).min() {
                     *slot = Some(id);
                     attrs[id as usize] |= ATTR_CONTROL;
                 }
@@ -905,11 +925,11 @@ fn detect_roles(
         .into_iter()
         .flatten()
         .collect();
-    for id in lookup(EOG_TEXTS) {
+    for id in ids_of(EOG_TEXTS) {
         eog.push(id);
         attrs[id as usize] |= ATTR_CONTROL;
     }
-    for id in lookup(ALWAYS_RENDERED_TEXTS) {
+    for id in ids_of(ALWAYS_RENDERED_TEXTS) {
         attrs[id as usize] = ATTR_USER_DEFINED;
     }
     eog.extend(
