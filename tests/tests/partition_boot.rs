@@ -108,16 +108,44 @@ fn boots_with_two_vcpus_prints_and_exits() {
     }
 }
 
+/// The host CPUs this process may run on (Cpus_allowed_list of /proc/self/status).
+fn allowed_host_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .expect("/proc/self/status has Cpus_allowed_list")
+        .trim();
+    let cpus: Vec<usize> = list
+        .split(',')
+        .flat_map(|range| {
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            first.parse().unwrap()..=last.parse().unwrap()
+        })
+        .collect();
+    assert!(!cpus.is_empty());
+    cpus
+}
+
 fn selftest_on(vcpus: u32) {
     // Not a multiple of any vector width, so the tails are exercised too.
     let elements = (1 << 20) + 13;
-    let outcome = run(config(
-        vcpus,
-        GuestRequests {
-            selftest_elements: elements,
-            ..GuestRequests::default()
-        },
-    ));
+    let allowed = allowed_host_cpus();
+    let outcome = run(PartitionConfig {
+        // One vCPU thread per host CPU (wrapping around when there are fewer).
+        host_cpus: Some(
+            (0..vcpus as usize)
+                .map(|vcpu| allowed[vcpu % allowed.len()])
+                .collect(),
+        ),
+        ..config(
+            vcpus,
+            GuestRequests {
+                selftest_elements: elements,
+                ..GuestRequests::default()
+            },
+        )
+    });
     expect_exit_0(&outcome);
     assert_eq!(
         outcome.report(report::SELFTEST_CHECKSUM),

@@ -91,6 +91,7 @@ pub struct Report {
     pub arch: &'static str,
     pub threads: usize,
     pub simd: String,
+    /// Prompt tokens processed (a chat turn reuses the cached conversation).
     pub prompt_tokens: usize,
     pub prompt_ms: f64,
     pub ttft_ms: f64,
@@ -138,7 +139,8 @@ impl<'a> HostEngine<'a> {
         self.model.tokenizer.encode(text, true, true)
     }
 
-    /// Runs one completion after `prompt` (appended to the session's context),
+    /// Runs one completion after `prompt` (the whole context; the session reuses
+    /// whatever prefix of it it already holds),
     /// calling `on_text` with each piece of text as it is produced.
     pub fn complete(&mut self, prompt: &[u32], on_text: &mut dyn FnMut(&str)) -> Result<Report, HostEngineError> {
         if prompt.is_empty() {
@@ -152,11 +154,15 @@ impl<'a> HostEngine<'a> {
         };
         let start = Instant::now();
         let mut prompt_ms = 0.0;
+        let mut prompt_fed = prompt.len();
         let mut token_ms = Vec::with_capacity(req.max_tokens);
         let ms = |t: Instant| t.duration_since(start).as_secs_f64() * 1e3;
         let outcome = generate(&self.model, &mut self.session, &self.pool, &req, &mut |e| {
             match e {
-                Event::PromptProcessed { .. } => prompt_ms = ms(Instant::now()),
+                Event::PromptProcessed { n_fed, .. } => {
+                    prompt_ms = ms(Instant::now());
+                    prompt_fed = n_fed;
+                }
                 Event::Token { text, .. } => {
                     token_ms.push(ms(Instant::now()));
                     on_text(text);
@@ -174,12 +180,12 @@ impl<'a> HostEngine<'a> {
             arch: self.model.config.arch.name(),
             threads: self.pool_workers(),
             simd: format!("{:?}", self.session.kernels().level()),
-            prompt_tokens: prompt.len(),
+            prompt_tokens: prompt_fed,
             prompt_ms,
             ttft_ms,
             gen_tokens,
             gen_ms,
-            prompt_tok_s: rate(prompt.len(), prompt_ms),
+            prompt_tok_s: rate(prompt_fed, prompt_ms),
             gen_tok_s: rate(gen_tokens.saturating_sub(1), gen_ms),
             token_ms,
             tokens: outcome.tokens,
@@ -212,7 +218,6 @@ impl<'a> HostEngine<'a> {
         if let Some(s) = system {
             history.push((Role::System, s.to_string()));
         }
-        let mut fed: Vec<u32> = Vec::new();
         loop {
             write!(output, "> ").and_then(|_| output.flush()).map_err(HostEngineError::Output)?;
             let mut line = String::new();
@@ -232,7 +237,6 @@ impl<'a> HostEngine<'a> {
                 history.retain(|(r, _)| *r == Role::System);
                 history.push((Role::User, line.to_string()));
                 tokens = self.render(template, &history);
-                fed.clear();
                 if tokens.len() + self.options.max_tokens > self.session.limits().n_ctx {
                     writeln!(summary, "[this message alone does not fit the context; raise --ctx-size]")
                         .map_err(HostEngineError::Output)?;
@@ -240,11 +244,9 @@ impl<'a> HostEngine<'a> {
                     continue;
                 }
             }
-            // Reuse the cached prefix of the conversation; feed only what is new.
-            let common = fed.iter().zip(&tokens).take_while(|(a, b)| a == b).count().min(tokens.len() - 1);
-            self.session.truncate(common);
             let mut write_err = None;
-            let report = self.complete(&tokens[common..], &mut |t| {
+            // The whole conversation goes in; the session feeds only what it has not cached.
+            let report = self.complete(&tokens, &mut |t| {
                 if let Err(e) = output.write_all(t.as_bytes()).and_then(|_| output.flush()) {
                     write_err.get_or_insert(e);
                 }
@@ -254,11 +256,6 @@ impl<'a> HostEngine<'a> {
             }
             writeln!(output).map_err(HostEngineError::Output)?;
             print_summary(summary, &report).map_err(HostEngineError::Output)?;
-            // The session now holds the prompt and every generated token but the
-            // last (sampled, never fed back).
-            fed = tokens;
-            fed.extend_from_slice(&report.tokens);
-            fed.pop();
             history.push((Role::Assistant, report.text.clone()));
         }
     }

@@ -37,7 +37,8 @@ impl StopReason {
 /// What happens while generating.
 pub enum Event<'e> {
     /// The prompt was fed; the first token is about to be sampled.
-    PromptProcessed { n_tokens: usize },
+    /// `n_fed` tokens were processed, `n_reused` came from the cache.
+    PromptProcessed { n_fed: usize, n_reused: usize },
     /// A generated token and the text it completes (may be empty while a
     /// multi-byte character is still partial).
     Token { id: u32, text: &'e str },
@@ -54,7 +55,8 @@ pub enum Flow {
 
 #[derive(Debug, Clone)]
 pub struct Request<'r> {
-    /// Tokens to feed before generating (appended to whatever the session holds).
+    /// The whole context to generate after (a chat: the whole conversation so
+    /// far). The session reuses the longest prefix it already holds.
     pub prompt: &'r [u32],
     pub max_tokens: usize,
     pub sampling: SamplerConfig,
@@ -81,11 +83,10 @@ pub fn generate(
         sampler.accept(t);
     }
     let mut out = Outcome { tokens: Vec::new(), text: String::new(), stop: StopReason::MaxTokens };
-    if req.prompt.is_empty() {
-        return Err(ModelError::EmptyPrompt);
-    }
-    session.forward(model, req.prompt, par)?;
-    if on_event(Event::PromptProcessed { n_tokens: req.prompt.len() }) == Flow::Stop {
+    let n_reused = session.reusable_prefix(req.prompt);
+    session.feed_context(model, req.prompt, par)?;
+    let n_fed = req.prompt.len() - n_reused;
+    if on_event(Event::PromptProcessed { n_fed, n_reused }) == Flow::Stop {
         out.stop = StopReason::Cancelled;
         return Ok(out);
     }

@@ -193,6 +193,8 @@ impl std::fmt::Display for VcpuPosition {
 pub enum PartitionError {
     #[error("a partition has 1 to {max} vCPUs, not {vcpus}", max = MAX_VCPUS)]
     VcpuCount { vcpus: u32 },
+    #[error("debug requests name vCPU {vcpu}, but the partition has {vcpus} vCPUs")]
+    DebugVcpu { vcpu: u32, vcpus: u32 },
     #[error("{given} host CPUs were given for {vcpus} vCPUs; give exactly one per vCPU")]
     HostCpuCount { given: usize, vcpus: u32 },
     #[error(transparent)]
@@ -384,6 +386,13 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
             });
         }
     }
+    let requests = config.guest_requests;
+    if requests.debug_flags != 0 && requests.debug_vcpu >= vcpus {
+        return Err(PartitionError::DebugVcpu {
+            vcpu: requests.debug_vcpu,
+            vcpus,
+        });
+    }
     let image = Arc::new(KernelImage::parse(INFERENCE_KERNEL)?);
     let mut vm = Vm::new()?;
     let template = CpuTemplate::from_supported(vm.supported_cpuid()?)?;
@@ -424,7 +433,6 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
     let tsc_khz = vcpu_fds[0]
         .get_tsc_khz()
         .map_err(PartitionError::TscFrequency)? as u64;
-    let requests = config.guest_requests;
     let boot_info = BootInfo {
         magic: BOOT_INFO_MAGIC,
         abi_version: ABI_VERSION,

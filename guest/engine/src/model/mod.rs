@@ -130,8 +130,8 @@ const MAX_CHUNK_ROWS: usize = 128;
 pub struct Session {
     limits: SessionLimits,
     kernels: Kernels,
-    /// Number of positions already in the KV cache.
-    pos: usize,
+    /// The tokens whose keys and values are in the cache, in order.
+    cached: Vec<u32>,
     k_cache: Vec<f32>,
     v_cache: Vec<f32>,
     x: Vec<f32>,
@@ -207,7 +207,7 @@ impl Session {
         Session {
             limits,
             kernels,
-            pos: 0,
+            cached: Vec::with_capacity(limits.n_ctx),
             k_cache: vec![0.0; kv],
             v_cache: vec![0.0; kv],
             x: vec![0.0; b * c.n_embd],
@@ -232,12 +232,36 @@ impl Session {
 
     /// Positions already in the KV cache.
     pub fn pos(&self) -> usize {
-        self.pos
+        self.cached.len()
+    }
+
+    /// The tokens held by the KV cache.
+    pub fn cached_tokens(&self) -> &[u32] {
+        &self.cached
     }
 
     /// Forgets positions from `pos` on (keeps a shared prefix of a conversation).
     pub fn truncate(&mut self, pos: usize) {
-        self.pos = self.pos.min(pos);
+        self.cached.truncate(pos);
+    }
+
+    /// How many leading tokens of `context` [`Session::feed_context`] would not
+    /// feed again. At least the last token is fed: its logits are the point.
+    pub fn reusable_prefix(&self, context: &[u32]) -> usize {
+        let common = self.cached.iter().zip(context).take_while(|(a, b)| a == b).count();
+        common.min(context.len().saturating_sub(1))
+    }
+
+    /// Makes the cache hold exactly `context` and returns its logits, feeding
+    /// only what differs from what is already cached: the next turn of a chat,
+    /// sent as the whole conversation, costs only its new tokens.
+    pub fn feed_context(&mut self, model: &Model<'_>, context: &[u32], par: &dyn Parallel) -> Result<&[f32], ModelError> {
+        if context.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        let keep = self.reusable_prefix(context);
+        self.truncate(keep);
+        self.forward(model, &context[keep..], par)
     }
 
     pub fn kernels(&self) -> &Kernels {
@@ -247,7 +271,7 @@ impl Session {
     /// Feeds `tokens` (any number: processed in batches) at the current position and
     /// returns the logits after the last one.
     pub fn forward(&mut self, model: &Model<'_>, tokens: &[u32], par: &dyn Parallel) -> Result<&[f32], ModelError> {
-        let needed = self.pos + tokens.len();
+        let needed = self.pos() + tokens.len();
         if needed > self.limits.n_ctx {
             return Err(ModelError::ContextFull { needed, n_ctx: self.limits.n_ctx });
         }
@@ -261,6 +285,7 @@ impl Session {
         let n_batches = batches.len();
         for (i, batch) in batches.enumerate() {
             self.forward_batch(model, batch, par, i + 1 == n_batches);
+            self.cached.extend_from_slice(batch);
         }
         Ok(&self.logits)
     }
@@ -274,6 +299,7 @@ impl Session {
         let c = &model.config;
         let w = &model.weights;
         let b = tokens.len();
+        let pos0 = self.pos();
         let (n_embd, q_dim, kv_dim, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
 
         for (t, &tok) in tokens.iter().enumerate() {
@@ -307,7 +333,7 @@ impl Session {
             let (base, freq_scale) = c.rope_of_layer(il);
             let freqs = w.rope_freqs.as_deref();
             for t in 0..b {
-                let pos = self.pos + t;
+                let pos = pos0 + t;
                 for head in self.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
                     if let Some(norm) = &layer.q_norm {
                         math::rms_norm_inplace(head, norm, c.norm_eps);
@@ -322,11 +348,11 @@ impl Session {
                 }
             }
             let layer_base = il * self.limits.n_ctx * kv_dim;
-            let at = layer_base + self.pos * kv_dim;
+            let at = layer_base + pos0 * kv_dim;
             self.k_cache[at..at + b * kv_dim].copy_from_slice(&self.k[..b * kv_dim]);
             self.v_cache[at..at + b * kv_dim].copy_from_slice(&self.v[..b * kv_dim]);
             let window = if c.is_sliding(il) { c.sliding_window.map(|(w, _)| w) } else { None };
-            self.attention(c, layer_base, b, window, par);
+            self.attention(c, layer_base, pos0, b, window, par);
 
             self.input.invalidate();
             let act = self.input.get(&self.kernels, layer.wo.ty.act_type(), &self.att, q_dim, b);
@@ -355,8 +381,6 @@ impl Session {
             matmul(&self.kernels, par, &layer.ffn_down, act, b, &mut self.proj, &mut self.chunk_out);
             self.add_residual(&layer.post_ffn_norm, c.norm_eps, n_embd, b);
         }
-        self.pos += b;
-
         if want_logits {
             let last = &self.x[(b - 1) * n_embd..b * n_embd];
             math::rms_norm(&mut self.xb[..n_embd], last, &w.output_norm, c.norm_eps);
@@ -382,10 +406,17 @@ impl Session {
 
     /// Causal (optionally sliding-window) grouped-query attention of the batch's
     /// queries against the cache, one (token, head) pair per work item.
-    fn attention(&mut self, c: &Config, layer_base: usize, b: usize, window: Option<usize>, par: &dyn Parallel) {
+    fn attention(
+        &mut self,
+        c: &Config,
+        layer_base: usize,
+        pos0: usize,
+        b: usize,
+        window: Option<usize>,
+        par: &dyn Parallel,
+    ) {
         let (hd, q_dim, kv_dim, n_ctx) = (c.head_dim, c.q_dim(), c.kv_dim(), self.limits.n_ctx);
         let group = c.n_head / c.n_head_kv;
-        let pos0 = self.pos;
         let (q, k_cache, v_cache) = (&self.q, &self.k_cache, &self.v_cache);
         let att = DisjointSlice::new(&mut self.att);
         let scores = DisjointSlice::new(&mut self.scores);

@@ -90,21 +90,6 @@ unsafe fn tile_any<const R: usize, const C: usize, const VNNI: bool>(
     }
 }
 
-/// `acc` + the sums of four adjacent u8 x i8 products of `u` and `s` per i32 lane.
-/// Without VNNI the i16 pair sums must not saturate (true for |u| < 128, or
-/// u < 256 with |s| < 64): callers only pass values that keep them in range.
-#[inline(always)]
-unsafe fn dot_u8_i8<const VNNI: bool>(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
-    // SAFETY: only reached from the entry points, which enable these features.
-    unsafe {
-        if VNNI {
-            _mm512_dpbusd_epi32(acc, u, s)
-        } else {
-            _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)))
-        }
-    }
-}
-
 /// `acc` + the sums of adjacent i16 x i16 products per i32 lane.
 #[inline(always)]
 unsafe fn dot_i16<const VNNI: bool>(acc: __m512i, x: __m512i, y: __m512i) -> __m512i {
@@ -156,50 +141,29 @@ const fn block_bytes32(kind: u8) -> usize {
     }
 }
 
-/// The weight bytes of block `b` of rows `ra` and `rb`, as unsigned values in
-/// the lane order of [`act_block32`] (VNNI Q8_0: w + 128, i.e. w ^ 0x80).
+/// The 32 weight values of the block at p as unsigned bytes in value order
+/// (Q4_0: 0..16, Q5_0: 0..32, Q8_0 with VNNI: w + 128; Q8_0 without VNNI: w).
 #[inline(always)]
-unsafe fn weight_pair32<const VNNI: bool, const KIND: u8>(ra: *const u8, rb: *const u8) -> __m512i {
-    // SAFETY: ra and rb each point to one whole block of KIND.
+unsafe fn weight_block32<const VNNI: bool, const KIND: u8>(p: *const u8) -> __m256i {
+    // SAFETY: p points to one whole block of KIND.
     unsafe {
         match KIND {
-            Q8_0 => {
-                let w = join(load256(ra.add(2)), load256(rb.add(2)));
-                if VNNI {
-                    _mm512_xor_si512(w, _mm512_set1_epi8(-128))
-                } else {
-                    w
-                }
-            }
+            Q8_0 if VNNI => _mm256_xor_si256(load256(p.add(2)), _mm256_set1_epi8(-128)),
+            Q8_0 => load256(p.add(2)),
             _ => {
                 let qs = if KIND == Q4_0 { 2 } else { 6 };
-                // [qs A | qs B] then its high nibbles: [A lo | B lo | A hi | B hi].
-                let both = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(load128(ra.add(qs))), load128(rb.add(qs)));
-                let nibbles = _mm512_and_si512(join(both, _mm256_srli_epi16::<4>(both)), _mm512_set1_epi8(0x0f));
+                // qs in both halves; the upper half shifted to its high nibbles.
+                let both = _mm256_broadcastsi128_si256(load128(p.add(qs)));
+                let shifts = _mm256_setr_epi64x(0, 0, 0x0004_0004_0004_0004, 0x0004_0004_0004_0004);
+                let shifted = _mm256_srlv_epi16(both, shifts);
                 if KIND == Q4_0 {
-                    nibbles
+                    _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f))
                 } else {
-                    let (ha, hb) = (u64::from(ra.add(2).cast::<u32>().read_unaligned()), u64::from(rb.add(2).cast::<u32>().read_unaligned()));
-                    // Bit i of the mask belongs to byte i of `nibbles`.
-                    let mask = (ha & 0xffff) | (hb & 0xffff) << 16 | (ha >> 16) << 32 | (hb >> 16) << 48;
-                    _mm512_mask_add_epi8(nibbles, mask, nibbles, _mm512_set1_epi8(16))
+                    // Bit j of qh is bit 4 of value j: (nibbles & 0x0f) | (bit ? 16 : 0).
+                    let high = _mm256_maskz_mov_epi8(p.add(2).cast::<u32>().read_unaligned(), _mm256_set1_epi8(16));
+                    return _mm256_ternarylogic_epi32::<0xec>(shifted, high, _mm256_set1_epi8(0x0f));
                 }
             }
-        }
-    }
-}
-
-/// The 32 activation values of a Q8_0 block at p (its qs) in the lane order of
-/// [`weight_pair32`]: Q8_0 [a | a]; Q4_0/Q5_0 [a0..16 | a0..16 | a16..32 | a16..32].
-#[inline(always)]
-unsafe fn act_block32<const KIND: u8>(qs: *const u8) -> __m512i {
-    // SAFETY: qs points to 32 readable bytes.
-    unsafe {
-        let a = _mm512_castsi256_si512(load256(qs));
-        if KIND == Q8_0 {
-            _mm512_shuffle_i64x2::<0b01_00_01_00>(a, a)
-        } else {
-            _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), a)
         }
     }
 }
@@ -220,7 +184,9 @@ unsafe fn gather_scales8(row: *const u8, block: usize, first: usize, count: usiz
     }
 }
 
-/// Q8_0 / Q4_0 / Q5_0 x Q8_0, two rows per zmm register.
+/// Q8_0 / Q4_0 / Q5_0 x Q8_0, one block per ymm register. Block scales are
+/// multiplied eight blocks at a time into a small table that the FMAs read
+/// with broadcast loads, which keeps the shuffle port free.
 #[inline(always)]
 unsafe fn blocks32<const R: usize, const C: usize, const VNNI: bool, const KIND: u8>(
     nb: usize,
@@ -228,94 +194,75 @@ unsafe fn blocks32<const R: usize, const C: usize, const VNNI: bool, const KIND:
     a: [*const u8; C],
 ) -> [[f32; C]; R] {
     let bs = block_bytes32(KIND);
-    let pairs = R.div_ceil(2);
-    // Row 2p + 1 of an odd R repeats row 2p; its result is dropped.
-    let rows = |p: usize| (w[2 * p], w[(2 * p + 1).min(R - 1)]);
+    // Signed Q8_0 weights without VNNI use vpsignb instead of an offset.
+    let signed = KIND == Q8_0 && !VNNI;
     // SAFETY: every block index is below nb; see the module contract.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
-        // The value that turns weights unsigned, subtracted again via the activation sums.
-        let offset = _mm512_set1_epi8(match KIND {
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        // The offset that made the weights unsigned, cancelled via the activation sums.
+        let offset = _mm256_set1_epi8(match KIND {
             Q8_0 => -128,
             Q4_0 => 8,
             _ => 16,
         });
+        let mut table = [[[0.0f32; 8]; C]; R];
         for first in (0..nb).step_by(8) {
             let count = (nb - first).min(8);
-            // Per-block products of weight and activation scales: lanes 0..8 row A, 8..16 row B.
-            let mut scales = [[_mm512_setzero_ps(); C]; R];
-            let act_scales = array_of!(_mm512_setzero_ps(); C, |c| {
-                let s = gather_scales8(a[c], 34, first, count);
-                join_ps(s, s)
-            });
-            for p in 0..pairs {
-                let (ra, rb) = rows(p);
-                let ws = join_ps(gather_scales8(ra, bs, first, count), gather_scales8(rb, bs, first, count));
+            let act_scales = array_of!(_mm256_setzero_ps(); C, |c| gather_scales8(a[c], 34, first, count));
+            for r in 0..R {
+                let weight_scales = gather_scales8(w[r], bs, first, count);
                 for c in 0..C {
-                    scales[p][c] = _mm512_mul_ps(ws, act_scales[c]);
+                    _mm256_storeu_ps(table[r][c].as_mut_ptr(), _mm256_mul_ps(weight_scales, act_scales[c]));
                 }
             }
+            // Read the table back through an opaque reference: otherwise the compiler keeps it in
+            // registers and extracts each scale with shuffles, the very port this design avoids.
+            let table = core::hint::black_box(&table);
             for k in 0..count {
                 let b = first + k;
-                let lane = k as i32;
-                let pick = if KIND == Q8_0 {
-                    _mm512_set_epi32(
-                        8 + lane, 8 + lane, 8 + lane, 8 + lane, 8 + lane, 8 + lane, 8 + lane, 8 + lane,
-                        lane, lane, lane, lane, lane, lane, lane, lane,
-                    )
-                } else {
-                    _mm512_set_epi32(
-                        8 + lane, 8 + lane, 8 + lane, 8 + lane, lane, lane, lane, lane,
-                        8 + lane, 8 + lane, 8 + lane, 8 + lane, lane, lane, lane, lane,
-                    )
-                };
-                let act = array_of!(_mm512_setzero_si512(); C, |c| act_block32::<KIND>(a[c].add(b * 34 + 2)));
-                // Each i32 lane starts at -(offset * sum of its activations), cancelling the
-                // offset that made the weights unsigned (VNNI Q8_0: +128; Q4_0: -8; Q5_0: -16).
-                let start = array_of!(_mm512_setzero_si512(); C, |c| {
-                    _mm512_sub_epi32(_mm512_setzero_si512(), dot_u8_i8::<VNNI>(_mm512_setzero_si512(), offset, act[c]))
+                let act = array_of!(offset; C, |c| load256(a[c].add(b * 34 + 2)));
+                // Each i32 lane starts at -(offset * sum of its four activations).
+                let start = array_of!(offset; C, |c| {
+                    if signed {
+                        _mm256_setzero_si256()
+                    } else {
+                        _mm256_sub_epi32(_mm256_setzero_si256(), dot_u8_i8::<VNNI>(_mm256_setzero_si256(), offset, act[c]))
+                    }
                 });
-                for p in 0..pairs {
-                    let (ra, rb) = rows(p);
-                    let wq = weight_pair32::<VNNI, KIND>(ra.add(b * bs), rb.add(b * bs));
+                for r in 0..R {
+                    let wq = weight_block32::<VNNI, KIND>(w[r].add(b * bs));
                     for c in 0..C {
-                        let dot = if KIND == Q8_0 && !VNNI {
-                            // Signed weights: no offset, `start` is unused and optimized away.
-                            signed_dot(wq, act[c])
+                        let dot = if signed {
+                            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(act[c], wq));
+                            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
                         } else {
                             dot_u8_i8::<VNNI>(start[c], wq, act[c])
                         };
-                        let scale = _mm512_permutexvar_ps(pick, scales[p][c]);
-                        acc[p][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[p][c]);
+                        let scale = _mm256_broadcast_ss(&table[r][c][k]);
+                        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r][c]);
                     }
                 }
             }
         }
-        let (mask_a, mask_b) = if KIND == Q8_0 { (0x00ff, 0xff00) } else { (0x0f0f, 0xf0f0) };
-        array_of!([0.0; C]; R, |r| {
-            let mask = if r % 2 == 0 { mask_a } else { mask_b };
-            array_of!(0.0; C, |c| _mm512_mask_reduce_add_ps(mask, acc[r / 2][c]))
-        })
+        array_of!([0.0; C]; R, |r| array_of!(0.0; C, |c| avx2::hsum(acc[r][c])))
     }
 }
 
+/// `acc` + the sums of four adjacent u8 x i8 products of `u` and `s` per i32 lane.
+/// Without VNNI the i16 pair sums must not saturate (true for |u| < 128, or
+/// u < 256 with |s| < 64): callers only pass values that keep them in range.
 #[inline(always)]
-unsafe fn join_ps(lo: __m256, hi: __m256) -> __m512 {
-    // SAFETY: register-only AVX-512F operations.
-    unsafe { _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi))) }
-}
-
-/// Signed bytes times signed bytes without VNNI: |w| times a with w's sign.
-#[inline(always)]
-unsafe fn signed_dot(w: __m512i, a: __m512i) -> __m512i {
-    // SAFETY: register-only AVX-512BW operations.
+unsafe fn dot_u8_i8<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    // SAFETY: only reached from the entry points, which enable these features.
     unsafe {
-        let negative = _mm512_movepi8_mask(w);
-        let signed_a = _mm512_mask_sub_epi8(a, negative, _mm512_setzero_si512(), a);
-        let pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(w), signed_a);
-        _mm512_madd_epi16(pairs, _mm512_set1_epi16(1))
+        if VNNI {
+            _mm256_dpbusd_epi32(acc, u, s)
+        } else {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+        }
     }
 }
+
 
 /// The f16 at p, widened.
 #[inline(always)]
