@@ -15,8 +15,9 @@ side: a 128-token prompt, then greedy generation of N2 tokens (temperature 0).
 
 and the table shows the median over the repetitions, the ratio ours /
 llama.cpp, the machine's memory read bandwidth measured in the same run
-(numpy streaming read of a 1 GiB array, 1 thread) and the bandwidth bound on
-generation speed (weight bytes read per token / bandwidth).
+(numpy streaming read of a 1 GiB array, with 1 thread and with each thread
+count benchmarked) and the bandwidth bound on generation speed (weight bytes
+read per token / bandwidth with that many threads).
 
 llama.cpp runs through llama-cpp-python (llama_cpp.Llama) with flash attention
 enabled (the llama.cpp CLI default on CPU). Our engine runs as
@@ -230,7 +231,7 @@ def median_or_none(values):
 
 # ---------------------------------------------------------------------------
 
-def bench_model(label, path, args, bandwidth, supports_ignore_eos):
+def bench_model(label, path, args, bandwidths, supports_ignore_eos):
     rows = []
     bytes_per_token = weight_bytes_per_token(path)
     for threads in args.threads:
@@ -245,6 +246,12 @@ def bench_model(label, path, args, bandwidth, supports_ignore_eos):
             if args.aivmm:
                 ours_runs.append(run_ours(args.aivmm, path, prompt, args.n2, threads, supports_ignore_eos))
         del llm
+        if ours_runs and ours_runs[0]["prompt_tokens"] != len(prompt_ids):
+            log(f"warning: {label}: our tokenizer made {ours_runs[0]['prompt_tokens']} prompt tokens, "
+                f"llama.cpp {len(prompt_ids)}; the prompt rates are per each side's own count")
+        if ours_runs and ours_runs[0]["gen_tokens"] < args.n2:
+            log(f"warning: {label}: aivmm stopped after {ours_runs[0]['gen_tokens']} tokens (< {args.n2}); "
+                "no generation rate for it")
         llama_rates = [rates(r, args.n1, args.n2) for r in llama_runs]
         ours_rates = [rates(r, args.n1, args.n2) for r in ours_runs]
         row = {
@@ -256,7 +263,8 @@ def bench_model(label, path, args, bandwidth, supports_ignore_eos):
             "ours_gen_tok_s": median_or_none([g for _, g in ours_rates]),
             "ours_gen_tokens": ours_runs[0]["gen_tokens"] if ours_runs else None,
             "bytes_per_token": bytes_per_token,
-            "bound_tok_s": bandwidth * 1e9 / bytes_per_token,
+            "bandwidth_gbs": bandwidths[threads],
+            "bound_tok_s": bandwidths[threads] * 1e9 / bytes_per_token,
             "first_divergence": first_divergence(llama_runs[0]["tokens"], ours_runs[0]["tokens"]) if ours_runs else None,
             "reps": args.reps,
         }
@@ -272,11 +280,12 @@ def fmt(x, digits=1):
     return f"{x:.{digits}f}" if x is not None else "-"
 
 
-def print_table(rows, bandwidth, bandwidth_2t, args):
-    print(f"\nmemory read bandwidth: {bandwidth:.1f} GB/s (1 thread), {bandwidth_2t:.1f} GB/s (2 threads); "
+def print_table(rows, bandwidths, args):
+    measured = ", ".join(f"{bw:.1f} GB/s ({t} thread{'s' if t > 1 else ''})" for t, bw in sorted(bandwidths.items()))
+    print(f"\nmemory read bandwidth (1 GiB numpy read): {measured}; "
           f"generation rate over tokens {args.n1}..{args.n2}; median of {args.reps}")
     header = ["model", "thr", "pp llama", "pp ours", "ratio", "gen llama", "gen ours", "ratio",
-              "MB/token", "bound(1t)", "llama %bound", "ours %bound", "same tokens"]
+              "MB/token", "bound", "llama %bound", "ours %bound", "same tokens"]
     lines = [header]
     for r in rows:
         bound = r["bound_tok_s"]
@@ -296,7 +305,8 @@ def print_table(rows, bandwidth, bandwidth_2t, args):
         print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
-    print("(pp = prompt processing tok/s; gen = generation tok/s; bound = bandwidth(1 thread) / bytes per token)")
+    print("(pp = prompt processing tok/s; gen = generation tok/s; bound = bandwidth with that many threads / weight "
+          "bytes read per token; same tokens = index of the first generated token where ours differs from llama.cpp)")
 
 
 def main():
@@ -330,19 +340,18 @@ def main():
         supports_ignore_eos = "--ignore-eos" in help_text
 
     log("measuring memory read bandwidth (1 GiB)")
-    bandwidth = read_bandwidth_gbs(threads=1)
-    bandwidth_2t = read_bandwidth_gbs(threads=2)
+    bandwidths = {t: read_bandwidth_gbs(threads=t) for t in sorted(set([1] + args.threads))}
     rows = []
     try:
         for label, path in models:
-            rows += bench_model(label, path, args, bandwidth, supports_ignore_eos)
+            rows += bench_model(label, path, args, bandwidths, supports_ignore_eos)
     except BenchError as e:
         log(f"error: {e}")
         return 1
-    print_table(rows, bandwidth, bandwidth_2t, args)
+    print_table(rows, bandwidths, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bandwidth_gbs_1t": bandwidth, "bandwidth_gbs_2t": bandwidth_2t, "n1": args.n1, "n2": args.n2,
+            json.dump({"bandwidth_gbs": {str(t): bw for t, bw in bandwidths.items()}, "n1": args.n1, "n2": args.n2,
                        "llama_cpp_python": llama_cpp.__version__, "rows": rows}, f, indent=1)
     return 0
 

@@ -30,6 +30,8 @@ fn main() {
         "guest/kernel/kernel.ld",
         "guest/kernel/build.rs",
         "guest/abi",
+        "guest/engine/src",
+        "guest/engine/Cargo.toml",
     ] {
         println!(
             "cargo:rerun-if-changed={}",

@@ -5,6 +5,8 @@
 //!   park / wake, reports (registers in `aivmm_guest_abi::platform`).
 //! - [`virtio::mmio::VirtioMmioTransport`] with [`virtio::console::Console`]:
 //!   the guest's log, one exit per flush.
+//! - [`virtio::mmio::VirtioMmioTransport`] with [`virtio::inference::InferenceDevice`]:
+//!   requests in, tokens and other events out, at most one notification per token.
 //!
 //! Nothing here injects interrupts: the guest runs at CPL3 without an IDT and
 //! polls (see docs/guest-abi.md).

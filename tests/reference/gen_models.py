@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generates the GGUF models the tests run: deterministic, random weights, real tokenizers.
 
-    python3 tests/reference/gen_models.py [--out-dir DIR] [--only NAME ...] [--tinyllama] [--check]
+    python3 tests/reference/gen_models.py [MODEL ...] [--tinyllama] [--no-quantize] [--out-dir DIR] [--check]
 
 Models (LLaMA and Qwen2 architectures, tensors named and laid out as llama.cpp
 expects them; weights drawn from numpy PCG64 with fixed seeds, so every run
@@ -10,15 +10,15 @@ writes byte-identical files):
 - tiny-llama (committed, tests/fixtures/models/): architecture llama, a
   SentencePiece-style vocabulary of 512 pieces learned from an embedded English
   text, 2 layers, n_embd 256, 4 heads, 2 KV heads, n_ff 512, untied output.
-  Written as F16, and quantized from an F32 original to Q8_0 and Q4_K_M with
-  llama.cpp's llama_model_quantize (needs llama_cpp; without it only the F16
-  file is written and the quantized ones are reported as skipped).
+  Written as F16, and quantized from a temporary F32 original to Q8_0 and
+  Q4_K_M with llama.cpp's llama_model_quantize (needs llama_cpp; with
+  --no-quantize only the F16 file is written).
 - tiny-qwen2 (committed): architecture qwen2, byte-level BPE vocabulary
   (tokenizer.ggml.model gpt2, pre qwen2) with merges learned here, Q/K/V
   biases, output tied to the token embedding. F16.
 - tinyllama-shaped (--tinyllama; NOT committed, written to
   $AIVMM_CACHE/models, default ~/.cache/aivmm/models): TinyLlama-1.1B shape,
-  vocab 32000, random weights, quantized to Q4_K_M and Q8_0; the multi-GB F16
+  vocab 32000, random weights, quantized to Q4_K_M and Q8_0; the 2.2 GB F16
   intermediate is deleted afterwards.
 
 The weights are scaled so the logits are peaked (top-1 well ahead of top-2),
@@ -38,7 +38,6 @@ import hashlib
 import os
 import re
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 
@@ -150,7 +149,7 @@ def _apply_merge(words, pair):
 
 
 def learn_merges(words, max_merges):
-    """Greedy BPE over {tuple(symbols): count}: the merged pieces in rank order."""
+    """Greedy BPE over {tuple(symbols): count}: the merged (left, right) pairs in rank order."""
     pieces = []
     for _ in range(max_merges):
         pair = _most_frequent_pair(words)

@@ -24,7 +24,6 @@ import argparse
 import ctypes
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -51,7 +50,7 @@ LLAMA_CPP_COMMITS = {"0.3.36": "0c1e57098"}
 
 FULL_LOGITS_MAX_VOCAB = 4096
 TOP_LOGITS = 64
-N_CTX = 1024
+N_CTX = 512
 
 PLAIN_PROMPTS = [
     "The capital of France is",
@@ -148,16 +147,20 @@ def fetch_gemma():
 
 
 def model_table():
-    """name -> (path resolver, prompts, max_tokens, required)."""
+    """name -> (path resolver, prompts, max_tokens, tokenizer fixture name or None, required).
+
+    Models that share a vocabulary (the tiny-llama quantizations) get one
+    tokenizer fixture, made from the first of them."""
     fixture = lambda file_name: lambda: os.path.join(FIXTURE_MODELS_DIR, file_name)
     cached = lambda file_name: lambda: os.path.join(CACHE_DIR, "models", file_name)
     return {
-        "gemma3-270m-q4_k_m": (fetch_gemma, PLAIN_PROMPTS + GEMMA_CHAT_PROMPTS, 64, True),
-        "tiny-llama-f16": (fixture("tiny-llama-f16.gguf"), TINY_LLAMA_PROMPTS, 32, True),
-        "tiny-llama-q8_0": (fixture("tiny-llama-q8_0.gguf"), TINY_LLAMA_PROMPTS, 32, True),
-        "tiny-llama-q4_k_m": (fixture("tiny-llama-q4_k_m.gguf"), TINY_LLAMA_PROMPTS, 32, True),
-        "tiny-qwen2-f16": (fixture("tiny-qwen2-f16.gguf"), TINY_QWEN2_PROMPTS, 32, True),
-        "tinyllama-shaped-q4_k_m": (cached("tinyllama-shaped-q4_k_m.gguf"), PLAIN_PROMPTS[:5], 32, False),
+        "gemma3-270m-q4_k_m": (fetch_gemma, PLAIN_PROMPTS + GEMMA_CHAT_PROMPTS, 64, "gemma3", True),
+        "tiny-llama-f16": (fixture("tiny-llama-f16.gguf"), TINY_LLAMA_PROMPTS, 32, "tiny-llama", True),
+        "tiny-llama-q8_0": (fixture("tiny-llama-q8_0.gguf"), TINY_LLAMA_PROMPTS, 32, None, True),
+        "tiny-llama-q4_k_m": (fixture("tiny-llama-q4_k_m.gguf"), TINY_LLAMA_PROMPTS, 32, None, True),
+        "tiny-qwen2-f16": (fixture("tiny-qwen2-f16.gguf"), TINY_QWEN2_PROMPTS, 32, "tiny-qwen2", True),
+        "tinyllama-shaped-q4_k_m": (cached("tinyllama-shaped-q4_k_m.gguf"), PLAIN_PROMPTS[:5], 32,
+                                    "tinyllama-shaped", False),
     }
 
 
@@ -380,7 +383,7 @@ def main():
     table = model_table()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", help=f"models (default: all available; known: {', '.join(table)})")
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default 1; the results do not depend on it)")
     parser.add_argument("--out-dir", default=FIXTURE_OUT_DIR)
     args = parser.parse_args()
     unknown = [m for m in args.models if m not in table]
@@ -391,7 +394,7 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
     try:
         for name in args.models or list(table):
-            resolve, prompts, max_tokens, required = table[name]
+            resolve, prompts, max_tokens, tokenizer_name, required = table[name]
             path = resolve()
             if not os.path.isfile(path):
                 if required or args.models:
@@ -402,8 +405,9 @@ def main():
             greedy = greedy_fixture(name, path, prompts, max_tokens, args.threads)
             write_json(os.path.join(args.out_dir, f"greedy_{name}.json"), greedy)
             log(f"{name}: min greedy margin {greedy['min_margin']}")
-            write_json(os.path.join(args.out_dir, f"tokenizer_{name}.json"),
-                       tokenizer_fixture(name, path, args.threads))
+            if tokenizer_name:
+                write_json(os.path.join(args.out_dir, f"tokenizer_{tokenizer_name}.json"),
+                           tokenizer_fixture(name, path, args.threads))
     except FixtureError as e:
         log(f"error: {e}")
         return 1

@@ -27,7 +27,7 @@ def main():
     from llama_cpp import Llama
 
     shape = gen_models.ModelShape(arch="llama", n_vocab=512, n_embd=256, n_layer=1, n_head=4, n_head_kv=2, n_ff=512,
-                                  n_ctx=64, rope_base=10000.0, rms_eps=1e-5, tied_output=False)
+                                  n_ctx=512, rope_base=10000.0, rms_eps=1e-5, tied_output=False)
     vocab = gen_models.spm_vocab(shape.n_vocab, np.random.default_rng(0))
     with tempfile.TemporaryDirectory(prefix="aivmm-smoke-") as tmp:
         original = os.path.join(tmp, "f32.gguf")
@@ -35,7 +35,7 @@ def main():
         for ftype in ("Q8_0", "Q4_K_M"):
             path = os.path.join(tmp, ftype + ".gguf")
             gen_models.quantize(llama_cpp, original, path, "MOSTLY_" + ftype)
-            llm = Llama(model_path=path, n_ctx=64, n_threads=2, verbose=False)
+            llm = Llama(model_path=path, n_ctx=128, n_threads=2, verbose=False)
             llm.eval(list(range(3, 19)))
             llm.eval([20])
             llm.eval([21])

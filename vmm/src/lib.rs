@@ -2,6 +2,8 @@
 
 pub mod guest_image;
 pub mod host_engine;
+pub mod inference;
 pub mod model_store;
 pub mod partition;
+pub mod run;
 pub mod vstate;

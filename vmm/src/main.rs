@@ -23,6 +23,9 @@ enum Command {
     /// Run the inference engine directly on the host (no partition): the
     /// reference point, in output and speed, for what partitions run.
     Generate(GenerateArgs),
+    /// Run a model in a KVM partition: tokens stream to stdout, a summary to
+    /// stderr; without --prompt, an interactive chat.
+    Run(aivmm::run::RunArgs),
 }
 
 #[derive(Args, Clone)]
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => cmd_generate(args),
+        Command::Run(args) => aivmm::run::cmd_run(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

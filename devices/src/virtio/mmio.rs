@@ -76,6 +76,27 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
         f(&self.lock().device)
     }
 
+    /// Runs `f` with the device and queue `index`, for work the host starts
+    /// (filling a guest buffer) or an ioeventfd reports (a notification that
+    /// never reached this transport). None while the driver has not finished
+    /// setting the device up (DRIVER_OK) or the queue is not valid.
+    pub fn with_live_queue<T>(
+        &self,
+        index: u16,
+        f: impl FnOnce(&mut D, &mut Queue, &GuestMemory) -> T,
+    ) -> Option<T> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.status & reg::STATUS_DRIVER_OK == 0 {
+            return None;
+        }
+        let queue = state.queues.get_mut(index as usize)?;
+        if !queue.is_valid(&self.memory) {
+            return None;
+        }
+        Some(f(&mut state.device, queue, &self.memory))
+    }
+
     fn offered_features(device: &D) -> u64 {
         device.features() | 1 << reg::F_VERSION_1
     }

@@ -1,6 +1,7 @@
 //! virtio devices on the virtio-mmio transport, built on `virtio-queue`.
 
 pub mod console;
+pub mod inference;
 pub mod mmio;
 
 use virtio_queue::Queue;

@@ -731,9 +731,9 @@ mod tests {
         let info = 24;
         let type_at = info + 9 + 4 + 8;
         let mut bad_type = bytes.clone();
-        bad_type[type_at..type_at + 4].copy_from_slice(&17u32.to_le_bytes()); // IQ2_XXS
+        bad_type[type_at..type_at + 4].copy_from_slice(&16u32.to_le_bytes()); // IQ2_XXS
         let err = Gguf::parse(&bad_type).unwrap_err();
-        assert!(matches!(err, GgufError::UnsupportedTensorType { id: 17, .. }));
+        assert!(matches!(err, GgufError::UnsupportedTensorType { id: 16, .. }));
         assert!(alloc::format!("{err}").contains("IQ2_XXS"));
         bad_type[type_at..type_at + 4].copy_from_slice(&999u32.to_le_bytes());
         assert!(matches!(Gguf::parse(&bad_type), Err(GgufError::UnsupportedTensorType { id: 999, .. })));

@@ -3,8 +3,9 @@
 //!
 //! Every vCPU enters at [`_start`] with the boot-info address and its own
 //! index. vCPU 0 runs [`boot_main`]: it sets up the heap and the console,
-//! reports boot complete and then does the partition's work (for now: the
-//! self-tests and benchmarks the boot info asks for); every other vCPU
+//! reports boot complete and then does the partition's work: the self-tests
+//! and benchmarks the boot info asks for and, when the partition has an
+//! inference device, loading the model and serving requests ([`serve`]); every other vCPU
 //! runs [`pool::worker_main`], waiting (spin, then park) for jobs that vCPU 0
 //! hands out through [`pool::run`].
 #![no_std]
@@ -15,10 +16,12 @@ extern crate alloc;
 
 mod allocator;
 mod console;
+mod inference;
 mod mem;
 mod platform;
 mod pool;
 mod selftest;
+mod serve;
 mod sync;
 mod time;
 
@@ -91,6 +94,9 @@ fn boot_main(info: &'static BootInfo, entry_tsc: u64) -> ! {
     if info.selftest_elements > 0 {
         selftest::checksum(info.selftest_elements);
     }
+    if info.inference_mmio != 0 {
+        serve::run(info, entry_tsc)
+    }
     console::flush();
     platform::exit(0)
 }
@@ -126,6 +132,17 @@ fn run_debug_requests(info: &BootInfo, vcpu: u32) {
             core::arch::asm!("mov qword ptr [{addr}], {val}", addr = in(reg) debug::FAULT_ADDRESS, val = in(reg) 0xdeadu64)
         };
     }
+}
+
+/// The precompiled `alloc` library is built for unwinding, so its cleanup
+/// paths name this symbol. Nothing unwinds here (the panic handler reports
+/// and stops), so it is never reached; it exists for the linker.
+#[unsafe(no_mangle)]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    platform::fatal(
+        fatal::PANIC,
+        "_Unwind_Resume reached, but the kernel never unwinds",
+    )
 }
 
 #[panic_handler]

@@ -14,6 +14,50 @@ use crate::{platform, time};
 /// How long an idle worker spins before it parks. A park + wake round trip
 /// costs two VM exits (tens of microseconds on nested KVM).
 const SPIN_BEFORE_PARK_MICROS: u64 = 100;
+/// How long a worker spins after it was woken from a park before parking
+/// again: the host wakes every vCPU when it queues a request, so work is
+/// imminent and a second park would only cost exits.
+const SPIN_AFTER_WAKE_MICROS: u64 = 5000;
+
+/// How long a worker keeps spinning after a request ended: the next one
+/// often follows at once (a benchmark, an API client), and a park right at
+/// the end would be counted against the request that just ended.
+const SPIN_AFTER_ACTIVE_MICROS: u64 = 20_000;
+
+/// Set by the boot vCPU while it serves a request: idle workers keep spinning
+/// instead of parking, so that a generated token costs no park/wake exits.
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// Says whether a request is being served (see [`ACTIVE`]). When it starts,
+/// waits up to `micros` for parked workers to come out of their park: the
+/// host wakes every vCPU with a request, and a worker that is already waking
+/// up needs no WAKE exit from [`run`].
+pub fn set_active(active: bool, micros: u64) {
+    ACTIVE.store(active, Ordering::Relaxed);
+    if !active {
+        return;
+    }
+    let deadline = time::rdtsc() + time::ticks_from_micros(micros);
+    let workers = n_workers();
+    while (1..workers).any(|worker| POOL.parked[worker].load(Ordering::SeqCst))
+        && time::rdtsc() < deadline
+    {
+        core::hint::spin_loop();
+    }
+}
+
+/// The engine's view of the pool: the vCPUs of this partition.
+pub struct VcpuPool;
+
+impl aivmm_engine::parallel::Parallel for VcpuPool {
+    fn n_workers(&self) -> usize {
+        n_workers()
+    }
+
+    fn run(&self, job: &(dyn Fn(usize) + Sync)) {
+        run(job)
+    }
+}
 
 /// A job as the pool stores it while it runs.
 type StoredJob = dyn Fn(usize) + Sync + 'static;
@@ -104,13 +148,21 @@ pub fn worker_main(vcpu: u32) -> ! {
 }
 
 /// Spins, then parks, until the job generation differs from `seen`; returns it.
+/// While the pool is [`ACTIVE`] the spinning does not end.
 fn wait_for_job(index: usize, seen: u64) -> u64 {
+    let mut spin_micros = SPIN_BEFORE_PARK_MICROS;
     loop {
-        let deadline = time::rdtsc() + time::ticks_from_micros(SPIN_BEFORE_PARK_MICROS);
-        while time::rdtsc() < deadline {
+        let mut deadline = time::rdtsc() + time::ticks_from_micros(spin_micros);
+        loop {
             let generation = POOL.generation.load(Ordering::Acquire);
             if generation != seen {
                 return generation;
+            }
+            let now = time::rdtsc();
+            if ACTIVE.load(Ordering::Relaxed) {
+                deadline = now + time::ticks_from_micros(SPIN_AFTER_ACTIVE_MICROS);
+            } else if now >= deadline {
+                break;
             }
             core::hint::spin_loop();
         }
@@ -123,5 +175,6 @@ fn wait_for_job(index: usize, seen: u64) -> u64 {
             platform::park();
         }
         POOL.parked[index].store(false, Ordering::SeqCst);
+        spin_micros = SPIN_AFTER_WAKE_MICROS;
     }
 }

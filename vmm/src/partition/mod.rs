@@ -4,7 +4,10 @@
 //! timeout) takes too long, always after every vCPU thread has been stopped
 //! and joined.
 
+mod inference;
 mod vcpu_thread;
+
+pub use inference::{InferenceLink, InferenceLinkError, InferenceSetup};
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -49,6 +52,9 @@ pub struct PartitionConfig {
     pub console_capture_limit: usize,
     /// Self-tests, benchmarks and deliberate failures for the guest to run.
     pub guest_requests: GuestRequests,
+    /// Give the partition an inference device: the guest loads the model and
+    /// serves requests ([`RunningPartition::inference`]) until told to exit.
+    pub inference: Option<InferenceSetup>,
 }
 
 impl Default for PartitionConfig {
@@ -63,6 +69,7 @@ impl Default for PartitionConfig {
             console_forward: None,
             console_capture_limit: 1 << 20,
             guest_requests: GuestRequests::default(),
+            inference: None,
         }
     }
 }
@@ -245,6 +252,8 @@ pub enum PartitionError {
     },
     #[error("the thread of vCPU {vcpu} panicked (a VMM bug)")]
     ThreadPanicked { vcpu: u32 },
+    #[error("inference device: {0}")]
+    InferenceLink(#[from] InferenceLinkError),
 }
 
 fn positions(vcpus: &[VcpuPosition]) -> String {
@@ -262,6 +271,7 @@ pub fn fatal_code_name(code: u64) -> &'static str {
         fatal::BAD_BOOT_INFO => "bad boot info",
         fatal::OUT_OF_MEMORY => "out of memory",
         fatal::DEVICE => "device error",
+        fatal::MODEL => "the model cannot run",
         _ => "unknown code",
     }
 }
@@ -303,6 +313,8 @@ pub struct PartitionOutcome {
     pub console_flushes: u64,
     /// The guest's TSC frequency, to convert reported ticks.
     pub tsc_khz: u64,
+    /// Notifications of the inference device's event queue (0 without one).
+    pub inference_notifications: u64,
 }
 
 impl PartitionOutcome {
@@ -364,6 +376,7 @@ pub struct RunningPartition {
     created: Instant,
     setup: Duration,
     tsc_khz: u64,
+    inference: Option<InferenceLink>,
     // Dropped after the threads are joined (see Drop): the VM first, then the
     // memory its memslots point to.
     vm: Option<Vm>,
@@ -457,6 +470,14 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
         selftest_elements: requests.selftest_elements,
         bench_mmio_exits: requests.bench_mmio_exits,
         bench_touch_bytes: requests.bench_touch_bytes,
+        inference_mmio: if config.inference.is_some() {
+            INFERENCE_MMIO_ADDR
+        } else {
+            0
+        },
+        n_ctx: config.inference.map_or(0, |setup| setup.n_ctx),
+        max_batch: config.inference.map_or(0, |setup| setup.max_batch),
+        warmup_heap_bytes: config.inference.map_or(0, |setup| setup.warmup_heap_bytes),
     };
     layout::write_boot_info(&ram, &boot_info)?;
     for (index, fd) in (0..vcpus).zip(&vcpu_fds) {
@@ -481,14 +502,6 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
         VirtioMmioTransport::new(Console::new(console_output.clone()), ram.clone())
             .map_err(PartitionError::ConsoleDevice)?,
     );
-    let mut bus = MmioBus::new();
-    bus.insert(PLATFORM_MMIO_ADDR, DEVICE_MMIO_SIZE, platform.clone())?;
-    bus.insert(CONSOLE_MMIO_ADDR, DEVICE_MMIO_SIZE, console.clone())?;
-    let bus = Arc::new(bus);
-    let ping_ioeventfd =
-        vm.register_ioeventfd(PLATFORM_MMIO_ADDR + aivmm_guest_abi::platform::PING_IOEVENTFD)?;
-    vcpu_thread::install_kick_handler().map_err(PartitionError::KickSignal)?;
-
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         end: Mutex::new(None),
@@ -496,6 +509,21 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
         counters: (0..vcpus).map(|_| VcpuCounters::default()).collect(),
         wakers,
     });
+    let mut bus = MmioBus::new();
+    bus.insert(PLATFORM_MMIO_ADDR, DEVICE_MMIO_SIZE, platform.clone())?;
+    bus.insert(CONSOLE_MMIO_ADDR, DEVICE_MMIO_SIZE, console.clone())?;
+    let inference = match config.inference {
+        Some(_) => {
+            let link = InferenceLink::attach(&vm, ram.clone(), shared.clone())?;
+            bus.insert(INFERENCE_MMIO_ADDR, DEVICE_MMIO_SIZE, link.device())?;
+            Some(link)
+        }
+        None => None,
+    };
+    let bus = Arc::new(bus);
+    let ping_ioeventfd =
+        vm.register_ioeventfd(PLATFORM_MMIO_ADDR + aivmm_guest_abi::platform::PING_IOEVENTFD)?;
+    vcpu_thread::install_kick_handler().map_err(PartitionError::KickSignal)?;
     let model_window = model
         .as_ref()
         .map(|m| MODEL_WINDOW_ADDR..MODEL_WINDOW_ADDR + m.mapped_len());
@@ -510,6 +538,7 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
         created,
         setup,
         tsc_khz,
+        inference,
         vm: Some(vm),
         _model: model,
         _ping_ioeventfd: ping_ioeventfd,
@@ -560,6 +589,32 @@ impl RunningPartition {
     /// Makes a wake pending for `vcpu` (releases it if parked).
     pub fn wake_vcpu(&self, vcpu: u32) -> bool {
         self.shared.wakers.wake(vcpu)
+    }
+
+    /// The host end of the inference device (None without one).
+    pub fn inference(&self) -> Option<&InferenceLink> {
+        self.inference.as_ref()
+    }
+
+    /// Whether the partition has ended (the guest exited or failed, or it was
+    /// stopped); [`RunningPartition::wait`] then returns at once.
+    pub fn has_ended(&self) -> bool {
+        self.shared.stop.load(Ordering::Acquire)
+    }
+
+    /// The guest's TSC frequency, to convert the TSC timestamps of events.
+    pub fn tsc_khz(&self) -> u64 {
+        self.tsc_khz
+    }
+
+    /// How long [`start`] took to build the machine before the vCPUs started.
+    pub fn setup_time(&self) -> Duration {
+        self.setup
+    }
+
+    /// When [`start`] began, the origin of the partition's timings.
+    pub fn created_at(&self) -> Instant {
+        self.created
     }
 
     /// MMIO exits of `vcpu` so far.
@@ -616,6 +671,9 @@ impl RunningPartition {
             }
         };
         let summaries = self.stop_and_join();
+        if let Some(link) = self.inference.as_mut() {
+            link.stop();
+        }
         let total = self.created.elapsed();
         // A vCPU thread that ended the partition while we were stopping it
         // after a timeout may have left a result behind.
@@ -665,6 +723,10 @@ impl RunningPartition {
             console: self.console_output.text(),
             console_flushes: self.console.notifications(),
             tsc_khz: self.tsc_khz,
+            inference_notifications: self
+                .inference
+                .as_ref()
+                .map_or(0, InferenceLink::notifications),
         }
     }
 
@@ -690,6 +752,7 @@ impl Drop for RunningPartition {
         if !self.threads.is_empty() {
             self.stop_and_join();
         }
+        self.inference.take();
         self.vm.take();
     }
 }

@@ -347,12 +347,19 @@ pub fn write_boot_info(memory: &GuestMemoryMmap, info: &BootInfo) -> Result<(), 
             offset_of!(BootInfo, bench_touch_bytes),
             info.bench_touch_bytes,
         ),
+        (offset_of!(BootInfo, inference_mmio), info.inference_mmio),
+        (
+            offset_of!(BootInfo, warmup_heap_bytes),
+            info.warmup_heap_bytes,
+        ),
     ];
     let u32_fields = [
         (offset_of!(BootInfo, abi_version), info.abi_version),
         (offset_of!(BootInfo, vcpu_count), info.vcpu_count),
         (offset_of!(BootInfo, debug_vcpu), info.debug_vcpu),
         (offset_of!(BootInfo, reserved0), info.reserved0),
+        (offset_of!(BootInfo, n_ctx), info.n_ctx),
+        (offset_of!(BootInfo, max_batch), info.max_batch),
     ];
     memory
         .write_slice(&[0u8; PAGE_SIZE as usize], GuestAddress(base))

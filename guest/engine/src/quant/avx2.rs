@@ -10,6 +10,9 @@
 //! each weight pointer `w[r]` / activation pointer `a[c]` addresses `nb` whole
 //! blocks of its format. All loads stay inside those blocks.
 
+// Kernels index several per-row and per-column arrays with the same counter.
+#![allow(clippy::needless_range_loop)]
+
 use core::arch::x86_64::*;
 
 use super::{scalar, GgmlType, TileKernels};
@@ -17,7 +20,12 @@ use super::{scalar, GgmlType, TileKernels};
 pub(super) struct Tiles;
 
 impl TileKernels for Tiles {
-    fn tile<const R: usize, const C: usize>(ty: GgmlType, n: usize, w: [&[u8]; R], a: [&[u8]; C]) -> [[f32; C]; R] {
+    fn tile<const R: usize, const C: usize>(
+        ty: GgmlType,
+        n: usize,
+        w: [&[u8]; R],
+        a: [&[u8]; C],
+    ) -> [[f32; C]; R] {
         // SAFETY: `Tiles` is only used by `Kernels` of a level that implies AVX2, FMA and F16C.
         unsafe { tile(ty, n, w, a) }
     }
@@ -77,7 +85,7 @@ unsafe fn load128(p: *const u8) -> __m128i {
 /// The f16 at p, widened with F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
+unsafe fn f16_at(p: *const u8) -> f32 {
     // SAFETY: the caller guarantees 2 readable bytes at p.
     let bits = unsafe { p.cast::<u16>().read_unaligned() };
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
@@ -129,16 +137,28 @@ unsafe fn bits_to_0x10(p: *const u8) -> __m256i {
     let bits = unsafe { p.cast::<i32>().read_unaligned() };
     let spread = _mm256_shuffle_epi8(
         _mm256_set1_epi32(bits),
-        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0),
+        _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0,
+        ),
     );
     // Byte k keeps every bit but bit k % 8 set; it is all ones iff that bit was set.
     let probe = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-    _mm256_and_si256(_mm256_cmpeq_epi8(probe, _mm256_set1_epi8(-1)), _mm256_set1_epi8(0x10))
+    _mm256_and_si256(
+        _mm256_cmpeq_epi8(probe, _mm256_set1_epi8(-1)),
+        _mm256_set1_epi8(0x10),
+    )
 }
 
 /// Q8_0 x Q8_0: |w| times a with w's sign (`vpsignb`), exact for any weight byte.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: [*const u8; C]) -> [[f32; C]; R] {
+unsafe fn q8_0<const R: usize, const C: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
@@ -152,7 +172,11 @@ unsafe fn q8_0<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
                 let abs = _mm256_sign_epi8(wq, wq);
                 for c in 0..C {
                     let dot = pairs_to_i32(_mm256_maddubs_epi16(abs, _mm256_sign_epi8(aq[c], wq)));
-                    acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * ad[c]), acc[r][c]);
+                    acc[r][c] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(dot),
+                        _mm256_set1_ps(dw * ad[c]),
+                        acc[r][c],
+                    );
                 }
             }
         }
@@ -162,7 +186,11 @@ unsafe fn q8_0<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
 
 /// Q4_0 x Q8_0: nibbles (0..15) times a, minus 8 * sum(a).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: [*const u8; C]) -> [[f32; C]; R] {
+unsafe fn q4_0<const R: usize, const C: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
@@ -187,7 +215,11 @@ unsafe fn q4_0<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
 
 /// Q5_0 x Q8_0: 5-bit values (0..31) times a, minus 16 * sum(a).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_0<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: [*const u8; C]) -> [[f32; C]; R] {
+unsafe fn q5_0<const R: usize, const C: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
@@ -212,13 +244,21 @@ unsafe fn q5_0<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
 
 /// Q4_1 / Q5_1 x Q8_1: d * da * dot(q, a) + m * s, where s = da * sum(a).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: [*const u8; C]) -> [[f32; C]; R] {
+unsafe fn q4_1<const R: usize, const C: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
     // SAFETY: forwarded contract; Q4_1 blocks are 20 bytes with qs at 4.
     unsafe { offset_blocks::<R, C, false>(nb, w, a) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_1<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: [*const u8; C]) -> [[f32; C]; R] {
+unsafe fn q5_1<const R: usize, const C: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
     // SAFETY: forwarded contract; Q5_1 blocks are 24 bytes with qh at 4, qs at 8.
     unsafe { offset_blocks::<R, C, true>(nb, w, a) }
 }
@@ -267,17 +307,23 @@ unsafe fn offset_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
 /// the eight scales, then the eight mins.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) unsafe fn k4_scales_mins(p: *const u8) -> __m256i {
+unsafe fn k4_scales_mins(p: *const u8) -> __m256i {
     const LOW6: u32 = 0x3f3f3f3f;
     const LOW4: u32 = 0x0f0f0f0f;
     const LOW2: u32 = 0x03030303;
     // SAFETY: the caller guarantees 12 readable bytes at p.
-    let q: [u32; 3] = unsafe { core::array::from_fn(|i| p.add(4 * i).cast::<u32>().read_unaligned()) };
+    let q: [u32; 3] =
+        unsafe { core::array::from_fn(|i| p.add(4 * i).cast::<u32>().read_unaligned()) };
     let scales_lo = q[0] & LOW6;
     let scales_hi = (q[2] & LOW4) | (((q[0] >> 6) & LOW2) << 4);
     let mins_lo = q[1] & LOW6;
     let mins_hi = ((q[2] >> 4) & LOW4) | (((q[1] >> 6) & LOW2) << 4);
-    let packed = _mm_set_epi32(mins_hi as i32, mins_lo as i32, scales_hi as i32, scales_lo as i32);
+    let packed = _mm_set_epi32(
+        mins_hi as i32,
+        mins_lo as i32,
+        scales_hi as i32,
+        scales_lo as i32,
+    );
     _mm256_cvtepu8_epi16(packed)
 }
 
@@ -296,18 +342,29 @@ fn lane16(v: __m256i, k: usize) -> __m256i {
 unsafe fn q8_k_sub_sums(p: *const u8) -> __m128i {
     // SAFETY: the caller guarantees the whole Q8_K block at p.
     let bsums = unsafe { load256(p.add(260)) };
-    _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256::<1>(bsums))
+    _mm_hadd_epi16(
+        _mm256_castsi256_si128(bsums),
+        _mm256_extracti128_si256::<1>(bsums),
+    )
 }
 
 /// Q4_K / Q5_K x Q8_K: per block d * sum(scale_j * dot_j) - dmin * sum(min_j * asum_j).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: [*const u8; C]) -> [[f32; C]; R] {
+unsafe fn q4_k<const R: usize, const C: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
     // SAFETY: forwarded contract.
     unsafe { k4_blocks::<R, C, false>(nb, w, a) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_k<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: [*const u8; C]) -> [[f32; C]; R] {
+unsafe fn q5_k<const R: usize, const C: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
     // SAFETY: forwarded contract.
     unsafe { k4_blocks::<R, C, true>(nb, w, a) }
 }
@@ -357,8 +414,14 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
                     let ql = load256(y[c].add(4 + 64 * j));
                     let qh = load256(y[c].add(36 + 64 * j));
                     for r in 0..R {
-                        let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[r], ql), lane16(scales[r], 2 * j));
-                        let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[r], qh), lane16(scales[r], 2 * j + 1));
+                        let pl = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(lo[r], ql),
+                            lane16(scales[r], 2 * j),
+                        );
+                        let ph = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(hi[r], qh),
+                            lane16(scales[r], 2 * j + 1),
+                        );
                         sums[r][c] = _mm256_add_epi32(sums[r][c], _mm256_add_epi32(pl, ph));
                     }
                 }
@@ -368,8 +431,16 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
                 let mins = _mm256_extracti128_si256::<1>(scales_mins[r]);
                 for c in 0..C {
                     let min_dot = _mm256_zextsi128_si256(_mm_madd_epi16(mins, asums[c]));
-                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ad[c]), _mm256_cvtepi32_ps(sums[r][c]), acc[r][c]);
-                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * ad[c]), _mm256_cvtepi32_ps(min_dot), acc[r][c]);
+                    acc[r][c] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dw * ad[c]),
+                        _mm256_cvtepi32_ps(sums[r][c]),
+                        acc[r][c],
+                    );
+                    acc[r][c] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(-dmin * ad[c]),
+                        _mm256_cvtepi32_ps(min_dot),
+                        acc[r][c],
+                    );
                 }
             }
         }
@@ -380,7 +451,11 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
 /// Q6_K x Q8_K: 6-bit values (0..63) times a per 16-value scale, minus
 /// 32 * sum(scale_k * bsum_k).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: [*const u8; C]) -> [[f32; C]; R] {
+unsafe fn q6_k<const R: usize, const C: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    a: [*const u8; C],
+) -> [[f32; C]; R] {
     let low4 = _mm256_set1_epi8(0x0f);
     let bits45 = _mm256_set1_epi8(0x30);
     let mut acc = [[_mm256_setzero_ps(); C]; R];
@@ -419,9 +494,17 @@ unsafe fn q6_k<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
                         qh,
                         _mm256_srli_epi16::<2>(qh),
                     ];
-                    let low = [ql0, ql1, _mm256_srli_epi16::<4>(ql0), _mm256_srli_epi16::<4>(ql1)];
+                    let low = [
+                        ql0,
+                        ql1,
+                        _mm256_srli_epi16::<4>(ql0),
+                        _mm256_srli_epi16::<4>(ql1),
+                    ];
                     for g in 0..4 {
-                        q6[r][g] = _mm256_or_si256(_mm256_and_si256(low[g], low4), _mm256_and_si256(high[g], bits45));
+                        q6[r][g] = _mm256_or_si256(
+                            _mm256_and_si256(low[g], low4),
+                            _mm256_and_si256(high[g], bits45),
+                        );
                     }
                 }
                 for g in 0..4 {
@@ -434,7 +517,8 @@ unsafe fn q6_k<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
                         for r in 0..R {
                             let pairs = _mm256_maddubs_epi16(q6[r][g], q8);
                             let scale = _mm256_shuffle_epi8(sc[r], pick);
-                            sums[r][c] = _mm256_add_epi32(sums[r][c], _mm256_madd_epi16(pairs, scale));
+                            sums[r][c] =
+                                _mm256_add_epi32(sums[r][c], _mm256_madd_epi16(pairs, scale));
                         }
                     }
                 }
@@ -442,7 +526,11 @@ unsafe fn q6_k<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
             for r in 0..R {
                 let dw = f16_at(x[r].add(208));
                 for c in 0..C {
-                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ad[c]), _mm256_cvtepi32_ps(sums[r][c]), acc[r][c]);
+                    acc[r][c] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dw * ad[c]),
+                        _mm256_cvtepi32_ps(sums[r][c]),
+                        acc[r][c],
+                    );
                 }
             }
         }
@@ -451,14 +539,14 @@ unsafe fn q6_k<const R: usize, const C: usize>(nb: usize, w: [*const u8; R], a: 
 }
 
 /// Which float format a row of `floats` holds.
-pub(super) const F32: u8 = 0;
-pub(super) const F16: u8 = 1;
-pub(super) const BF16: u8 = 2;
+const F32: u8 = 0;
+const F16: u8 = 1;
+const BF16: u8 = 2;
 
 /// Eight values of float format `KIND` at p, widened to f32.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) unsafe fn load_floats8<const KIND: u8>(p: *const u8) -> __m256 {
+unsafe fn load_floats8<const KIND: u8>(p: *const u8) -> __m256 {
     // SAFETY: the caller guarantees 8 values (32 or 16 bytes) at p.
     unsafe {
         match KIND {
@@ -472,7 +560,7 @@ pub(super) unsafe fn load_floats8<const KIND: u8>(p: *const u8) -> __m256 {
 /// One value of float format `KIND` at p.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) unsafe fn load_float<const KIND: u8>(p: *const u8) -> f32 {
+unsafe fn load_float<const KIND: u8>(p: *const u8) -> f32 {
     // SAFETY: the caller guarantees one value at p.
     unsafe {
         match KIND {
@@ -496,7 +584,8 @@ unsafe fn floats<const R: usize, const C: usize, const KIND: u8>(
     // SAFETY: every offset is below n values.
     unsafe {
         for i in (0..full).step_by(8) {
-            let av = array_of!(_mm256_setzero_ps(); C, |c| load_floats8::<KIND>(a[c].add(i * size)));
+            let av =
+                array_of!(_mm256_setzero_ps(); C, |c| load_floats8::<KIND>(a[c].add(i * size)));
             for r in 0..R {
                 let wv = load_floats8::<KIND>(w[r].add(i * size));
                 for c in 0..C {
@@ -508,7 +597,8 @@ unsafe fn floats<const R: usize, const C: usize, const KIND: u8>(
         for i in full..n {
             for r in 0..R {
                 for c in 0..C {
-                    out[r][c] += load_float::<KIND>(w[r].add(i * size)) * load_float::<KIND>(a[c].add(i * size));
+                    out[r][c] += load_float::<KIND>(w[r].add(i * size))
+                        * load_float::<KIND>(a[c].add(i * size));
                 }
             }
         }
@@ -524,12 +614,18 @@ unsafe fn floats<const R: usize, const C: usize, const KIND: u8>(
 pub(super) unsafe fn quantize_row(act: GgmlType, src: &[f32], dst: &mut [u8]) -> bool {
     match act {
         GgmlType::Q8_0 | GgmlType::Q8_1 => {
-            for (x, y) in src.chunks_exact(32).zip(dst.chunks_exact_mut(act.block_bytes())) {
+            for (x, y) in src
+                .chunks_exact(32)
+                .zip(dst.chunks_exact_mut(act.block_bytes()))
+            {
                 quantize_q8_0_block(act == GgmlType::Q8_1, x, y);
             }
         }
         GgmlType::Q8_K => {
-            for (x, y) in src.chunks_exact(256).zip(dst.chunks_exact_mut(act.block_bytes())) {
+            for (x, y) in src
+                .chunks_exact(256)
+                .zip(dst.chunks_exact_mut(act.block_bytes()))
+            {
                 quantize_q8_k_block(x, y);
             }
         }
@@ -539,7 +635,9 @@ pub(super) unsafe fn quantize_row(act: GgmlType, src: &[f32], dst: &mut [u8]) ->
             for (x, y) in (&mut chunks).zip(&mut out) {
                 // SAFETY: x holds 8 floats, y 16 bytes.
                 unsafe {
-                    let h = _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(_mm256_loadu_ps(x.as_ptr()));
+                    let h = _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(_mm256_loadu_ps(
+                        x.as_ptr(),
+                    ));
                     _mm_storeu_si128(y.as_mut_ptr().cast(), h);
                 }
             }
@@ -569,9 +667,15 @@ fn round_32_to_i8(v: [__m256; 4], scale: __m256, out: &mut [u8]) -> __m256i {
         _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(scaled))
     });
     let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-    let words = [_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])];
+    let words = [
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    ];
     // packs works per 128-bit lane; the permute restores the element order.
-    let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words[0], words[1]), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(words[0], words[1]),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+    );
     let out = &mut out[..32];
     // SAFETY: out has exactly 32 bytes.
     unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), bytes) };
@@ -591,7 +695,10 @@ fn quantize_q8_0_block(with_sum: bool, x: &[f32], y: &mut [u8]) {
     let v: [__m256; 4] = core::array::from_fn(|i| load8(x, 8 * i));
     let sign = _mm256_set1_ps(-0.0);
     let abs = array_of!(sign; 4, |i| _mm256_andnot_ps(sign, v[i]));
-    let amax = hmax(_mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3])));
+    let amax = hmax(_mm256_max_ps(
+        _mm256_max_ps(abs[0], abs[1]),
+        _mm256_max_ps(abs[2], abs[3]),
+    ));
     let d = amax / 127.0;
     let inverse = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     y[..2].copy_from_slice(&super::f32_to_f16(d).to_le_bytes());
@@ -639,16 +746,27 @@ fn quantize_q8_k_block(x: &[f32], y: &mut [u8]) {
     for i in 0..8 {
         let q: [__m256i; 4] = core::array::from_fn(|k| {
             let scaled = _mm256_mul_ps(load8(x, 32 * i + 8 * k), scale);
-            let rounded = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(scaled);
+            let rounded =
+                _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(scaled);
             _mm256_min_epi32(_mm256_cvtps_epi32(rounded), limit)
         });
-        let words = [_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])];
-        let bytes =
-            _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words[0], words[1]), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let words = [
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        ];
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(words[0], words[1]),
+            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+        );
         let out = &mut y[4 + 32 * i..4 + 32 * i + 32];
         // SAFETY: out has exactly 32 bytes.
         unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), bytes) };
-        let sums: [i32; 2] = core::array::from_fn(|half| out[16 * half..16 * half + 16].iter().map(|&q| i32::from(q as i8)).sum());
+        let sums: [i32; 2] = core::array::from_fn(|half| {
+            out[16 * half..16 * half + 16]
+                .iter()
+                .map(|&q| i32::from(q as i8))
+                .sum()
+        });
         for (half, sum) in sums.into_iter().enumerate() {
             let k = 2 * i + half;
             y[260 + 2 * k..262 + 2 * k].copy_from_slice(&(sum as i16).to_le_bytes());

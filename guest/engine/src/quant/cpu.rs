@@ -2,7 +2,7 @@
 //! exist, XGETBV whether the OS (or, in the guest, the VMM) enabled the
 //! register state they need. Works without std, at any privilege level.
 
-use core::arch::x86_64::{CpuidResult, __cpuid, __cpuid_count, _xgetbv};
+use core::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv, CpuidResult};
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use super::SimdLevel;
@@ -10,7 +10,12 @@ use super::SimdLevel;
 /// 0 until detected, then the level's index + 1.
 static DETECTED: AtomicU8 = AtomicU8::new(0);
 
-const LEVELS: [SimdLevel; 4] = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512, SimdLevel::Avx512Vnni];
+const LEVELS: [SimdLevel; 4] = [
+    SimdLevel::Scalar,
+    SimdLevel::Avx2,
+    SimdLevel::Avx512,
+    SimdLevel::Avx512Vnni,
+];
 
 /// The best level supported here, detected on first use.
 pub(super) fn best_level() -> SimdLevel {

@@ -32,7 +32,11 @@ pub fn f32_to_f16(f: f32) -> u16 {
     let exp = ((x >> 23) & 0xff) as i32;
     let mant = x & 0x7f_ffff;
     if exp == 0xff {
-        return if mant == 0 { sign | 0x7c00 } else { sign | 0x7e00 | (mant >> 13) as u16 };
+        return if mant == 0 {
+            sign | 0x7c00
+        } else {
+            sign | 0x7e00 | (mant >> 13) as u16
+        };
     }
     // Biased f16 exponent of the value.
     let e = exp - 127 + 15;

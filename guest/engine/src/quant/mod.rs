@@ -6,9 +6,11 @@
 //! types), then [`Kernels`] computes integer dot products block by block and
 //! applies the block scales in f32, like ggml's `vec_dot` functions.
 //!
-//! [`scalar`] is the portable reference for every type; [`avx2`] and
-//! [`avx512`] are the fast paths, chosen at run time from what the CPU and the
-//! OS support ([`Kernels::detect`]).
+//! `scalar` is the portable reference for every type; `avx2` and `avx512` are
+//! the fast paths, chosen at run time from what the CPU and the OS support
+//! ([`Kernels::detect`]). Matmuls run in tiles of a few weight rows by a few
+//! activation rows (`TileKernels`), so that every weight block loaded from
+//! memory is used for several activations and vice versa.
 
 /// `[e(0), e(1), .., e(N - 1)]` built with a plain loop: closures handed to
 /// `array::map` are not reliably inlined into `#[target_feature]` code, and a
@@ -138,7 +140,7 @@ impl GgmlType {
     /// Bytes of a row of `n` values; None if `n` is not a whole number of blocks
     /// or the size overflows.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        if n % self.block_len() != 0 {
+        if !n.is_multiple_of(self.block_len()) {
             return None;
         }
         (n / self.block_len()).checked_mul(self.block_bytes())
@@ -160,11 +162,48 @@ impl GgmlType {
 /// with (for error messages); None for ids ggml never assigned.
 pub fn ggml_type_name(id: u32) -> Option<&'static str> {
     const NAMES: [&str; 42] = [
-        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
-        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
-        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "Q4_0_4_4",
-        "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8",
-        "MXFP4", "NVFP4", "Q1_0",
+        "F32",
+        "F16",
+        "Q4_0",
+        "Q4_1",
+        "Q4_2",
+        "Q4_3",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q8_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ3_XXS",
+        "IQ1_S",
+        "IQ4_NL",
+        "IQ3_S",
+        "IQ2_S",
+        "IQ4_XS",
+        "I8",
+        "I16",
+        "I32",
+        "I64",
+        "F64",
+        "IQ1_M",
+        "BF16",
+        "Q4_0_4_4",
+        "Q4_0_4_8",
+        "Q4_0_8_8",
+        "TQ1_0",
+        "TQ2_0",
+        "IQ4_NL_4_4",
+        "IQ4_NL_4_8",
+        "IQ4_NL_8_8",
+        "MXFP4",
+        "NVFP4",
+        "Q1_0",
     ];
     NAMES.get(usize::try_from(id).ok()?).copied()
 }
@@ -194,7 +233,9 @@ const ACT_TILE_BYTES: usize = 384 * 1024;
 impl Kernels {
     /// The fastest kernels this CPU and OS support (detected once, then cached).
     pub fn detect() -> Kernels {
-        Kernels { level: cpu::best_level() }
+        Kernels {
+            level: cpu::best_level(),
+        }
     }
 
     /// The kernels of `level`, or None if this CPU (or OS) can't run them.
@@ -210,7 +251,14 @@ impl Kernels {
     /// will meet). `dst.len()` must be `act.row_bytes(src.len())`.
     pub fn quantize_row(&self, act: GgmlType, src: &[f32], dst: &mut [u8]) {
         let bytes = act.row_bytes(src.len());
-        assert_eq!(Some(dst.len()), bytes, "quantize_row: {} bytes for {} values of {}", dst.len(), src.len(), act.name());
+        assert_eq!(
+            Some(dst.len()),
+            bytes,
+            "quantize_row: {} bytes for {} values of {}",
+            dst.len(),
+            src.len(),
+            act.name()
+        );
         let simd_done = match (self.level, act) {
             (SimdLevel::Scalar, _) => false,
             // SAFETY: a non-scalar level is only constructed when the CPU and OS support AVX2, FMA and F16C.
@@ -225,7 +273,12 @@ impl Kernels {
     /// `n` values of type `ty` in `rows`; `act` is one row of `ty.act_type()`.
     pub fn matvec(&self, ty: GgmlType, n: usize, rows: &[u8], act: &[u8], out: &mut [f32]) {
         let rows_len = row_bytes_checked(ty, n).checked_mul(out.len());
-        assert_eq!(Some(rows.len()), rows_len, "matvec: weight bytes don't match {} rows", out.len());
+        assert_eq!(
+            Some(rows.len()),
+            rows_len,
+            "matvec: weight bytes don't match {} rows",
+            out.len()
+        );
         self.matmul(ty, n, rows, act, 1, out, out.len());
     }
 
@@ -246,8 +299,8 @@ impl Kernels {
         match self.level {
             SimdLevel::Scalar => shape.run::<scalar::Tiles, 1, 1>(rows, acts, out),
             SimdLevel::Avx2 => shape.run::<avx2::Tiles, 2, 2>(rows, acts, out),
-            SimdLevel::Avx512 => shape.run::<avx512::Tiles<false>, 2, 4>(rows, acts, out),
-            SimdLevel::Avx512Vnni => shape.run::<avx512::Tiles<true>, 2, 4>(rows, acts, out),
+            SimdLevel::Avx512 => shape.run_avx512::<false>(rows, acts, out),
+            SimdLevel::Avx512Vnni => shape.run_avx512::<true>(rows, acts, out),
         }
     }
 }
@@ -256,7 +309,10 @@ impl Kernels {
 fn row_bytes_checked(ty: GgmlType, n: usize) -> usize {
     match ty.row_bytes(n) {
         Some(bytes) => bytes,
-        None => panic!("row length {n} is not a multiple of the {} block length", ty.name()),
+        None => panic!(
+            "row length {n} is not a multiple of the {} block length",
+            ty.name()
+        ),
     }
 }
 
@@ -267,7 +323,24 @@ fn row_bytes_checked(ty: GgmlType, n: usize) -> usize {
 trait TileKernels {
     /// `w[r]` is one weight row of `n` values of `ty`, `a[c]` one activation row
     /// of `ty.act_type()` (lengths already checked); returns `[r][c]` dot products.
-    fn tile<const R: usize, const C: usize>(ty: GgmlType, n: usize, w: [&[u8]; R], a: [&[u8]; C]) -> [[f32; C]; R];
+    fn tile<const R: usize, const C: usize>(
+        ty: GgmlType,
+        n: usize,
+        w: [&[u8]; R],
+        a: [&[u8]; C],
+    ) -> [[f32; C]; R];
+
+    /// Rows per matvec tile for `ty` (4 or 8): more rows share the per-block
+    /// activation work, as long as the accumulators fit in registers.
+    fn matvec_rows(_ty: GgmlType) -> usize {
+        4
+    }
+
+    /// Whether matmul tiles for `ty` may be 4 rows by 4 columns instead of 2 by 4
+    /// (only where 16 accumulators and their operands fit in registers).
+    fn wide_matmul_tiles(_ty: GgmlType) -> bool {
+        false
+    }
 }
 
 /// A checked matmul problem: the sizes of everything, validated once.
@@ -282,18 +355,53 @@ struct MatmulShape {
 }
 
 impl MatmulShape {
-    fn new(ty: GgmlType, n: usize, rows: &[u8], acts: &[u8], ncols: usize, out_len: usize, out_stride: usize) -> Self {
-        let (row_bytes, act_bytes) = (row_bytes_checked(ty, n), row_bytes_checked(ty.act_type(), n));
-        assert!(row_bytes > 0, "matmul: empty rows");
-        assert_eq!(rows.len() % row_bytes, 0, "matmul: weight bytes are not a whole number of rows");
+    fn new(
+        ty: GgmlType,
+        n: usize,
+        rows: &[u8],
+        acts: &[u8],
+        ncols: usize,
+        out_len: usize,
+        out_stride: usize,
+    ) -> Self {
+        let (row_bytes, act_bytes) = (
+            row_bytes_checked(ty, n),
+            row_bytes_checked(ty.act_type(), n),
+        );
+        assert!(row_bytes > 0, "matmul: rows of 0 values");
+        assert_eq!(
+            rows.len() % row_bytes,
+            0,
+            "matmul: weight bytes are not a whole number of rows"
+        );
         let nrows = rows.len() / row_bytes;
-        assert_eq!(Some(acts.len()), act_bytes.checked_mul(ncols), "matmul: activation bytes don't match {ncols} rows");
+        assert_eq!(
+            Some(acts.len()),
+            act_bytes.checked_mul(ncols),
+            "matmul: activation bytes don't match {ncols} rows"
+        );
         if ncols > 0 && nrows > 0 {
-            assert!(nrows <= out_stride, "matmul: output stride {out_stride} is less than {nrows} rows");
-            let needed = (ncols - 1).checked_mul(out_stride).and_then(|x| x.checked_add(nrows));
-            assert!(needed.is_some_and(|needed| needed <= out_len), "matmul: output slice too short");
+            assert!(
+                nrows <= out_stride,
+                "matmul: output stride {out_stride} is less than {nrows} rows"
+            );
+            let needed = (ncols - 1)
+                .checked_mul(out_stride)
+                .and_then(|x| x.checked_add(nrows));
+            assert!(
+                needed.is_some_and(|needed| needed <= out_len),
+                "matmul: output slice too short"
+            );
         }
-        MatmulShape { ty, n, nrows, ncols, row_bytes, act_bytes, out_stride }
+        MatmulShape {
+            ty,
+            n,
+            nrows,
+            ncols,
+            row_bytes,
+            act_bytes,
+            out_stride,
+        }
     }
 
     fn row<'a>(&self, rows: &'a [u8], r: usize) -> &'a [u8] {
@@ -308,7 +416,12 @@ impl MatmulShape {
     /// narrower tiles at the edges. Columns are processed in groups whose
     /// activations fit in L2, so each weight row is loaded from memory once per
     /// group and reused from L1 for every column of the group.
-    fn run<K: TileKernels, const MR: usize, const MC: usize>(&self, rows: &[u8], acts: &[u8], out: &mut [f32]) {
+    fn run<K: TileKernels, const MR: usize, const MC: usize>(
+        &self,
+        rows: &[u8],
+        acts: &[u8],
+        out: &mut [f32],
+    ) {
         if self.ncols == 1 {
             return self.run_matvec::<K>(rows, acts, out);
         }
@@ -327,6 +440,15 @@ impl MatmulShape {
         }
     }
 
+    fn run_avx512<const VNNI: bool>(&self, rows: &[u8], acts: &[u8], out: &mut [f32]) {
+        type K<const V: bool> = avx512::Tiles<V>;
+        if K::<VNNI>::wide_matmul_tiles(self.ty) {
+            self.run::<K<VNNI>, 4, 4>(rows, acts, out)
+        } else {
+            self.run::<K<VNNI>, 2, 4>(rows, acts, out)
+        }
+    }
+
     fn cols<K: TileKernels, const R: usize, const MC: usize>(
         &self,
         r0: usize,
@@ -342,24 +464,48 @@ impl MatmulShape {
             c += MC;
         }
         for c in c..cols.end {
-            self.store(K::tile::<R, 1>(self.ty, self.n, w, [self.act(acts, c)]), r0, c, out);
+            self.store(
+                K::tile::<R, 1>(self.ty, self.n, w, [self.act(acts, c)]),
+                r0,
+                c,
+                out,
+            );
         }
     }
 
     fn run_matvec<K: TileKernels>(&self, rows: &[u8], act: &[u8], out: &mut [f32]) {
-        let a = [self.act(act, 0)];
         let mut r = 0;
-        while r + 4 <= self.nrows {
-            let w: [&[u8]; 4] = core::array::from_fn(|i| self.row(rows, r + i));
-            self.store(K::tile::<4, 1>(self.ty, self.n, w, a), r, 0, out);
-            r += 4;
+        if K::matvec_rows(self.ty) == 8 {
+            r = self.matvec_tiles::<K, 8>(r, rows, act, out);
         }
-        for r in r..self.nrows {
-            self.store(K::tile::<1, 1>(self.ty, self.n, [self.row(rows, r)], a), r, 0, out);
-        }
+        r = self.matvec_tiles::<K, 4>(r, rows, act, out);
+        self.matvec_tiles::<K, 1>(r, rows, act, out);
     }
 
-    fn store<const R: usize, const C: usize>(&self, dots: [[f32; C]; R], r0: usize, c0: usize, out: &mut [f32]) {
+    /// Rows from `r` on in tiles of `R` while whole tiles fit; returns the first row left.
+    fn matvec_tiles<K: TileKernels, const R: usize>(
+        &self,
+        mut r: usize,
+        rows: &[u8],
+        act: &[u8],
+        out: &mut [f32],
+    ) -> usize {
+        let a = [self.act(act, 0)];
+        while r + R <= self.nrows {
+            let w: [&[u8]; R] = core::array::from_fn(|i| self.row(rows, r + i));
+            self.store(K::tile::<R, 1>(self.ty, self.n, w, a), r, 0, out);
+            r += R;
+        }
+        r
+    }
+
+    fn store<const R: usize, const C: usize>(
+        &self,
+        dots: [[f32; C]; R],
+        r0: usize,
+        c0: usize,
+        out: &mut [f32],
+    ) {
         for (i, row) in dots.iter().enumerate() {
             for (j, &dot) in row.iter().enumerate() {
                 out[(c0 + j) * self.out_stride + r0 + i] = dot;

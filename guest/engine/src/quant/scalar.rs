@@ -19,7 +19,12 @@ use super::{GgmlType, TileKernels, QK_K};
 pub(super) struct Tiles;
 
 impl TileKernels for Tiles {
-    fn tile<const R: usize, const C: usize>(ty: GgmlType, n: usize, w: [&[u8]; R], a: [&[u8]; C]) -> [[f32; C]; R] {
+    fn tile<const R: usize, const C: usize>(
+        ty: GgmlType,
+        n: usize,
+        w: [&[u8]; R],
+        a: [&[u8]; C],
+    ) -> [[f32; C]; R] {
         core::array::from_fn(|r| core::array::from_fn(|c| dot(ty, n, w[r], a[c])))
     }
 }
@@ -46,7 +51,10 @@ pub(super) fn k4_scale_min(scales: &[u8], j: usize) -> (i32, i32) {
     let (sc, m) = if j < 4 {
         (scales[j] & 63, scales[j + 4] & 63)
     } else {
-        ((scales[j + 4] & 0xf) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
+        (
+            (scales[j + 4] & 0xf) | ((scales[j - 4] >> 6) << 4),
+            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+        )
     };
     (i32::from(sc), i32::from(m))
 }
@@ -73,7 +81,12 @@ fn q6_k_value(block: &[u8], v: usize) -> i32 {
 
 /// The 5-bit value `j` (0..32) of a Q5_0/Q5_1 block whose `qh` starts at `qh_at`.
 fn q5_value(block: &[u8], qh_at: usize, j: usize) -> i32 {
-    let qh = u32::from_le_bytes([block[qh_at], block[qh_at + 1], block[qh_at + 2], block[qh_at + 3]]);
+    let qh = u32::from_le_bytes([
+        block[qh_at],
+        block[qh_at + 1],
+        block[qh_at + 2],
+        block[qh_at + 3],
+    ]);
     let nibble = (block[qh_at + 4 + j % 16] >> (4 * (j / 16))) & 0xf;
     i32::from(nibble) | (((qh >> j) & 1) as i32) << 4
 }
@@ -84,7 +97,9 @@ fn q4_value(qs: &[u8], j: usize) -> i32 {
 
 /// Dot product of one weight row of `ty` with one activation row of `ty.act_type()`.
 pub(super) fn dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let blocks = w.chunks_exact(ty.block_bytes()).zip(a.chunks_exact(ty.act_type().block_bytes()));
+    let blocks = w
+        .chunks_exact(ty.block_bytes())
+        .zip(a.chunks_exact(ty.act_type().block_bytes()));
     let blocks = blocks.take(n / ty.block_len());
     let q8 = |y: &[u8], at: usize, j: usize| i8_at(y, at + j);
     match ty {
@@ -93,7 +108,9 @@ pub(super) fn dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
         GgmlType::BF16 => blocks.map(|(x, y)| bf16_at(x) * bf16_at(y)).sum(),
         GgmlType::Q4_0 => blocks
             .map(|(x, y)| {
-                let sumi: i32 = (0..32).map(|j| (q4_value(&x[2..], j) - 8) * q8(y, 2, j)).sum();
+                let sumi: i32 = (0..32)
+                    .map(|j| (q4_value(&x[2..], j) - 8) * q8(y, 2, j))
+                    .sum();
                 sumi as f32 * (f16_at(x, 0) * f16_at(y, 0))
             })
             .sum(),
@@ -105,7 +122,9 @@ pub(super) fn dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
             .sum(),
         GgmlType::Q5_0 => blocks
             .map(|(x, y)| {
-                let sumi: i32 = (0..32).map(|j| (q5_value(x, 2, j) - 16) * q8(y, 2, j)).sum();
+                let sumi: i32 = (0..32)
+                    .map(|j| (q5_value(x, 2, j) - 16) * q8(y, 2, j))
+                    .sum();
                 sumi as f32 * (f16_at(x, 0) * f16_at(y, 0))
             })
             .sum(),
@@ -135,7 +154,11 @@ pub(super) fn dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
                     let (sc, m) = k4_scale_min(&x[4..16], j);
                     let dot: i32 = (32 * j..32 * j + 32)
                         .map(|v| {
-                            let q = if ty == GgmlType::Q4_K { k4_nibble(&x[16..], v) } else { q5_k_value(x, v) };
+                            let q = if ty == GgmlType::Q4_K {
+                                k4_nibble(&x[16..], v)
+                            } else {
+                                q5_k_value(x, v)
+                            };
                             q * q8(y, 4, v)
                         })
                         .sum();
@@ -150,7 +173,9 @@ pub(super) fn dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
             .map(|(x, y)| {
                 let sumi: i32 = (0..16)
                     .map(|k| {
-                        let dot: i32 = (16 * k..16 * k + 16).map(|v| q6_k_value(x, v) * q8(y, 4, v)).sum();
+                        let dot: i32 = (16 * k..16 * k + 16)
+                            .map(|v| q6_k_value(x, v) * q8(y, 4, v))
+                            .sum();
                         i8_at(x, 192 + k) * dot
                     })
                     .sum();
@@ -192,14 +217,21 @@ pub(super) fn quantize_row(act: GgmlType, src: &[f32], dst: &mut [u8]) {
             }
         }
         GgmlType::F16 | GgmlType::BF16 => {
-            let convert = if act == GgmlType::F16 { f32_to_f16 } else { f32_to_bf16 };
+            let convert = if act == GgmlType::F16 {
+                f32_to_f16
+            } else {
+                f32_to_bf16
+            };
             for (y, &x) in dst.chunks_exact_mut(2).zip(src) {
                 y.copy_from_slice(&convert(x).to_le_bytes());
             }
         }
         GgmlType::Q8_0 | GgmlType::Q8_1 => {
             let at = if act == GgmlType::Q8_0 { 2 } else { 4 };
-            for (x, y) in src.chunks_exact(32).zip(dst.chunks_exact_mut(act.block_bytes())) {
+            for (x, y) in src
+                .chunks_exact(32)
+                .zip(dst.chunks_exact_mut(act.block_bytes()))
+            {
                 let (d, inverse) = q8_0_scale(x);
                 y[..2].copy_from_slice(&f32_to_f16(d).to_le_bytes());
                 let mut sum = 0;
@@ -214,7 +246,10 @@ pub(super) fn quantize_row(act: GgmlType, src: &[f32], dst: &mut [u8]) {
             }
         }
         GgmlType::Q8_K => {
-            for (x, y) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(act.block_bytes())) {
+            for (x, y) in src
+                .chunks_exact(QK_K)
+                .zip(dst.chunks_exact_mut(act.block_bytes()))
+            {
                 quantize_q8_k_block(x, y);
             }
         }
@@ -250,17 +285,31 @@ pub(super) fn quantize_q8_k_block(x: &[f32], y: &mut [u8]) {
 
 /// Expands one row of `ty` (`src` holds exactly `dst.len()` values) to f32.
 pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
-    assert_eq!(Some(src.len()), ty.row_bytes(dst.len()), "dequantize_row: {} bytes for {} values of {}", src.len(), dst.len(), ty.name());
+    assert_eq!(
+        Some(src.len()),
+        ty.row_bytes(dst.len()),
+        "dequantize_row: {} bytes for {} values of {}",
+        src.len(),
+        dst.len(),
+        ty.name()
+    );
     let len = ty.block_len();
-    for (x, y) in src.chunks_exact(ty.block_bytes()).zip(dst.chunks_exact_mut(len)) {
+    for (x, y) in src
+        .chunks_exact(ty.block_bytes())
+        .zip(dst.chunks_exact_mut(len))
+    {
         match ty {
             GgmlType::F32 => y[0] = f32_at(x, 0),
             GgmlType::F16 => y[0] = f16_at(x, 0),
             GgmlType::BF16 => y[0] = bf16_at(x),
             GgmlType::Q4_0 => fill(y, |j| f16_at(x, 0) * (q4_value(&x[2..], j) - 8) as f32),
-            GgmlType::Q4_1 => fill(y, |j| f16_at(x, 0) * q4_value(&x[4..], j) as f32 + f16_at(x, 2)),
+            GgmlType::Q4_1 => fill(y, |j| {
+                f16_at(x, 0) * q4_value(&x[4..], j) as f32 + f16_at(x, 2)
+            }),
             GgmlType::Q5_0 => fill(y, |j| f16_at(x, 0) * (q5_value(x, 2, j) - 16) as f32),
-            GgmlType::Q5_1 => fill(y, |j| f16_at(x, 0) * q5_value(x, 4, j) as f32 + f16_at(x, 2)),
+            GgmlType::Q5_1 => fill(y, |j| {
+                f16_at(x, 0) * q5_value(x, 4, j) as f32 + f16_at(x, 2)
+            }),
             GgmlType::Q8_0 => fill(y, |j| f16_at(x, 0) * i8_at(x, 2 + j) as f32),
             GgmlType::Q8_1 => fill(y, |j| f16_at(x, 0) * i8_at(x, 4 + j) as f32),
             GgmlType::Q4_K | GgmlType::Q5_K => {
@@ -268,13 +317,19 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                 for j in 0..8 {
                     let (sc, m) = k4_scale_min(&x[4..16], j);
                     let (scale, min) = (d * sc as f32, dmin * m as f32);
-                    for v in 32 * j..32 * j + 32 {
-                        let q = if ty == GgmlType::Q4_K { k4_nibble(&x[16..], v) } else { q5_k_value(x, v) };
-                        y[v] = scale * q as f32 - min;
+                    for (v, y) in y.iter_mut().enumerate().skip(32 * j).take(32) {
+                        let q = if ty == GgmlType::Q4_K {
+                            k4_nibble(&x[16..], v)
+                        } else {
+                            q5_k_value(x, v)
+                        };
+                        *y = scale * q as f32 - min;
                     }
                 }
             }
-            GgmlType::Q6_K => fill(y, |v| f16_at(x, 208) * i8_at(x, 192 + v / 16) as f32 * q6_k_value(x, v) as f32),
+            GgmlType::Q6_K => fill(y, |v| {
+                f16_at(x, 208) * i8_at(x, 192 + v / 16) as f32 * q6_k_value(x, v) as f32
+            }),
             GgmlType::Q8_K => fill(y, |v| f32_at(x, 0) * i8_at(x, 4 + v) as f32),
         }
     }

@@ -60,10 +60,15 @@ fn put_f16(b: &mut [u8], at: usize, v: f32) {
 }
 
 fn all_levels() -> Vec<Kernels> {
-    [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512, SimdLevel::Avx512Vnni]
-        .into_iter()
-        .filter_map(Kernels::with_level)
-        .collect()
+    [
+        SimdLevel::Scalar,
+        SimdLevel::Avx2,
+        SimdLevel::Avx512,
+        SimdLevel::Avx512Vnni,
+    ]
+    .into_iter()
+    .filter_map(Kernels::with_level)
+    .collect()
 }
 
 fn scalar() -> Kernels {
@@ -103,14 +108,26 @@ fn random_rows(ty: GgmlType, n: usize, rows: usize, rng: &mut Rng, unit_scales: 
     match ty {
         GgmlType::F32 => {
             for v in data.chunks_exact_mut(4) {
-                let x = if unit_scales { rng.below(64) as f32 - 32.0 } else { rng.uniform(-2.0, 2.0) };
+                let x = if unit_scales {
+                    rng.below(64) as f32 - 32.0
+                } else {
+                    rng.uniform(-2.0, 2.0)
+                };
                 v.copy_from_slice(&x.to_le_bytes());
             }
         }
         GgmlType::F16 | GgmlType::BF16 => {
             for v in data.chunks_exact_mut(2) {
-                let x = if unit_scales { rng.below(64) as f32 - 32.0 } else { rng.uniform(-2.0, 2.0) };
-                let bits = if ty == GgmlType::F16 { f32_to_f16(x) } else { f32_to_bf16(x) };
+                let x = if unit_scales {
+                    rng.below(64) as f32 - 32.0
+                } else {
+                    rng.uniform(-2.0, 2.0)
+                };
+                let bits = if ty == GgmlType::F16 {
+                    f32_to_f16(x)
+                } else {
+                    f32_to_bf16(x)
+                };
                 v.copy_from_slice(&bits.to_le_bytes());
             }
         }
@@ -164,7 +181,8 @@ fn random_acts(act: GgmlType, n: usize, cols: usize, rng: &mut Rng, unit_scales:
                     }
                     for k in 0..16 {
                         let sum: i32 = qs[16 * k..16 * k + 16].iter().sum();
-                        block[260 + 2 * k..262 + 2 * k].copy_from_slice(&(sum as i16).to_le_bytes());
+                        block[260 + 2 * k..262 + 2 * k]
+                            .copy_from_slice(&(sum as i16).to_le_bytes());
                     }
                 }
             }
@@ -209,17 +227,27 @@ fn reference_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> (f64, f64) {
     let mut dot = 0.0f64;
     let mut magnitude = 0.0f64;
     for i in 0..n {
-        let (s, m, x) = (f64::from(scale_part[i]), f64::from(min_part[i]), f64::from(av[i]));
+        let (s, m, x) = (
+            f64::from(scale_part[i]),
+            f64::from(min_part[i]),
+            f64::from(av[i]),
+        );
         dot += s * x + m * x;
         magnitude += (s * x).abs() + (m * x).abs();
     }
     if act == GgmlType::Q8_1 {
         // ggml uses the block's stored sum s = f16(d * sum(q)) for the offset term.
         dot = 0.0;
-        for (b, (wb, ab)) in w.chunks_exact(ty.block_bytes()).zip(a.chunks_exact(36)).enumerate() {
+        for (b, (wb, ab)) in w
+            .chunks_exact(ty.block_bytes())
+            .zip(a.chunks_exact(36))
+            .enumerate()
+        {
             let m = f64::from(scalar::f16_at(wb, 2));
             let s = f64::from(scalar::f16_at(ab, 2));
-            let scaled: f64 = (32 * b..32 * b + 32).map(|i| f64::from(scale_part[i]) * f64::from(av[i])).sum();
+            let scaled: f64 = (32 * b..32 * b + 32)
+                .map(|i| f64::from(scale_part[i]) * f64::from(av[i]))
+                .sum();
             dot += scaled + m * s;
             magnitude += (m * s).abs();
         }
@@ -249,7 +277,12 @@ fn type_table_matches_ggml() {
         (GgmlType::Q8_K, 256, 292),
     ];
     for (ty, len, bytes) in sizes {
-        assert_eq!((ty.block_len(), ty.block_bytes()), (len, bytes), "{}", ty.name());
+        assert_eq!(
+            (ty.block_len(), ty.block_bytes()),
+            (len, bytes),
+            "{}",
+            ty.name()
+        );
     }
     assert_eq!(GgmlType::from_id(30), Some(GgmlType::BF16));
     assert_eq!(GgmlType::from_id(10), None);
@@ -291,9 +324,21 @@ fn f16_round_trips_and_special_values() {
     assert!(f16_to_f32(0x7e00).is_nan());
     assert_eq!(f32_to_f16(65520.0), 0x7c00, "rounds up to infinity");
     assert_eq!(f32_to_f16(65519.0), 0x7bff);
-    assert_eq!(f32_to_f16(1.0 + 2f32.powi(-11)), 0x3c00, "tie to even (down)");
-    assert_eq!(f32_to_f16(1.0 + 3.0 * 2f32.powi(-11)), 0x3c02, "tie to even (up)");
-    assert_eq!(f32_to_f16(2f32.powi(-25)), 0x0000, "half the smallest subnormal ties to zero");
+    assert_eq!(
+        f32_to_f16(1.0 + 2f32.powi(-11)),
+        0x3c00,
+        "tie to even (down)"
+    );
+    assert_eq!(
+        f32_to_f16(1.0 + 3.0 * 2f32.powi(-11)),
+        0x3c02,
+        "tie to even (up)"
+    );
+    assert_eq!(
+        f32_to_f16(2f32.powi(-25)),
+        0x0000,
+        "half the smallest subnormal ties to zero"
+    );
     assert_eq!(f32_to_f16(1.5 * 2f32.powi(-25)), 0x0001);
     assert_eq!(f32_to_f16(-0.0), 0x8000);
     assert_eq!(f32_to_f16(1e-30), 0);
@@ -310,7 +355,15 @@ fn f16_conversion_matches_f16c() {
     let mut inputs: Vec<u32> = (0..200_000).map(|_| rng.next_u64() as u32).collect();
     // Dense coverage of the f16 range, including every subnormal boundary.
     inputs.extend((0x3300_0000u32..0x4780_0000).step_by(997));
-    inputs.extend([0, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x7f80_0001, 0xffbf_ffff]);
+    inputs.extend([
+        0,
+        0x8000_0000,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+        0x7f80_0001,
+        0xffbf_ffff,
+    ]);
     for bits in inputs {
         let f = f32::from_bits(bits);
         // SAFETY: F16C was detected above.
@@ -346,8 +399,16 @@ fn bf16_conversion() {
     assert_eq!(f32_to_bf16(1.0 + 2f32.powi(-8) + 2f32.powi(-20)), 0x3f81);
     assert_eq!(f32_to_bf16(f32::INFINITY), 0x7f80);
     assert_eq!(f32_to_bf16(f32::MAX), 0x7f80, "rounds to infinity");
-    assert_eq!(f32_to_bf16(f32::from_bits(0x7f80_0001)), 0x7fc0, "signalling NaN becomes quiet");
-    assert_eq!(f32_to_bf16(f32::from_bits(0x0000_8000)), 0x0000, "subnormal tie to even");
+    assert_eq!(
+        f32_to_bf16(f32::from_bits(0x7f80_0001)),
+        0x7fc0,
+        "signalling NaN becomes quiet"
+    );
+    assert_eq!(
+        f32_to_bf16(f32::from_bits(0x0000_8000)),
+        0x0000,
+        "subnormal tie to even"
+    );
     assert_eq!(bf16_to_f32(0x0001), f32::from_bits(0x0001_0000));
     let mut rng = Rng::new(3);
     for _ in 0..100_000 {
@@ -372,12 +433,20 @@ fn known_blocks_dequantize_to_known_values() {
     // Q4_0: d = 1, qs[j] = j | (15 - j) << 4.
     let mut q4_0 = vec![0x00, 0x3c];
     q4_0.extend((0..16).map(|j| j | ((15 - j) << 4)));
-    check_dequant(GgmlType::Q4_0, &q4_0, |j| if j < 16 { j as f32 - 8.0 } else { 7.0 - (j - 16) as f32 });
+    check_dequant(GgmlType::Q4_0, &q4_0, |j| {
+        if j < 16 {
+            j as f32 - 8.0
+        } else {
+            7.0 - (j - 16) as f32
+        }
+    });
 
     // Q4_1: d = 0.25, m = -1.
     let mut q4_1 = vec![0x00, 0x34, 0x00, 0xbc];
     q4_1.extend((0..16).map(|j| j | ((15 - j) << 4)));
-    check_dequant(GgmlType::Q4_1, &q4_1, |j| 0.25 * if j < 16 { j as f32 } else { (31 - j) as f32 } - 1.0);
+    check_dequant(GgmlType::Q4_1, &q4_1, |j| {
+        0.25 * if j < 16 { j as f32 } else { (31 - j) as f32 } - 1.0
+    });
 
     // Q5_0: d = 2, qh = 0xa5a5f00f: value j gets 16 iff bit j is set.
     let qh: u32 = 0xa5a5_f00f;
@@ -385,7 +454,11 @@ fn known_blocks_dequantize_to_known_values() {
     q5_0.extend(qh.to_le_bytes());
     q5_0.extend((0..16).map(|j| ((j * 7) % 16) | (((j * 3 + 5) % 16) << 4)));
     let q5 = |j: usize| {
-        let nibble = if j < 16 { (j * 7) % 16 } else { ((j - 16) * 3 + 5) % 16 };
+        let nibble = if j < 16 {
+            (j * 7) % 16
+        } else {
+            ((j - 16) * 3 + 5) % 16
+        };
         (nibble | (((qh >> j) & 1) as usize) << 4) as f32
     };
     check_dequant(GgmlType::Q5_0, &q5_0, |j| 2.0 * (q5(j) - 16.0));
@@ -399,11 +472,17 @@ fn known_blocks_dequantize_to_known_values() {
     let mut q8_k = (-0.25f32).to_le_bytes().to_vec();
     q8_k.extend((0..256).map(|j| (j as u8).wrapping_mul(3)));
     q8_k.extend([0u8; 32]);
-    check_dequant(GgmlType::Q8_K, &q8_k, |j| -0.25 * f32::from((j as u8).wrapping_mul(3) as i8));
+    check_dequant(GgmlType::Q8_K, &q8_k, |j| {
+        -0.25 * f32::from((j as u8).wrapping_mul(3) as i8)
+    });
 
     check_dequant(GgmlType::F16, &[0x00, 0x3c, 0x00, 0xc2], |j| [1.0, -3.0][j]);
-    check_dequant(GgmlType::BF16, &[0x80, 0x3f, 0x40, 0xc0], |j| [1.0, -3.0][j]);
-    check_dequant(GgmlType::F32, &[0, 0, 0x80, 0x3f, 0, 0, 0x40, 0xc0], |j| [1.0, -3.0][j]);
+    check_dequant(GgmlType::BF16, &[0x80, 0x3f, 0x40, 0xc0], |j| {
+        [1.0, -3.0][j]
+    });
+    check_dequant(GgmlType::F32, &[0, 0, 0x80, 0x3f, 0, 0, 0x40, 0xc0], |j| {
+        [1.0, -3.0][j]
+    });
 }
 
 fn check_dequant(ty: GgmlType, block: &[u8], expected: impl Fn(usize) -> f32) {
@@ -448,7 +527,9 @@ fn known_k_quant_blocks() {
     for j in (0..256).step_by(64) {
         block.extend((0..32).map(|l| q4[j + l] | (q4[j + l + 32] << 4)));
     }
-    let expected = |q: &[u8], v: usize| d * f32::from(scales[v / 32]) * f32::from(q[v]) - dmin * f32::from(mins[v / 32]);
+    let expected = |q: &[u8], v: usize| {
+        d * f32::from(scales[v / 32]) * f32::from(q[v]) - dmin * f32::from(mins[v / 32])
+    };
     check_dequant(GgmlType::Q4_K, &block, |v| expected(&q4, v));
 
     // Q5_K: values in 0..32.
@@ -470,7 +551,9 @@ fn known_k_quant_blocks() {
 
     // Q6_K: values in -32..32, signed 8-bit scales, packed like `quantize_row_q6_K_ref`.
     let q6: Vec<u8> = (0..256).map(|_| rng.below(64) as u8).collect();
-    let sc: [i8; 16] = [-128, 127, -1, 1, 0, 64, -64, 33, -33, 100, -100, 7, -7, 90, 2, -2];
+    let sc: [i8; 16] = [
+        -128, 127, -1, 1, 0, 64, -64, 33, -33, 100, -100, 7, -7, 90, 2, -2,
+    ];
     let (mut ql, mut qh) = (vec![0u8; 128], vec![0u8; 64]);
     for (half, j) in (0..256).step_by(128).enumerate() {
         for l in 0..32 {
@@ -484,7 +567,9 @@ fn known_k_quant_blocks() {
     block.extend(qh);
     block.extend(sc.map(|s| s as u8));
     put_f16_push(&mut block, 0.5);
-    check_dequant(GgmlType::Q6_K, &block, |v| 0.5 * f32::from(sc[v / 16]) * (f32::from(q6[v]) - 32.0));
+    check_dequant(GgmlType::Q6_K, &block, |v| {
+        0.5 * f32::from(sc[v / 16]) * (f32::from(q6[v]) - 32.0)
+    });
 }
 
 fn put_f16_push(b: &mut Vec<u8>, v: f32) {
@@ -504,7 +589,12 @@ fn scalar_dot_matches_dequantized_math() {
             scalar().matvec(ty, n, &w, &a, &mut out);
             let (dot, magnitude) = reference_dot(ty, n, &w, &a);
             let tolerance = 1e-5 * magnitude + 1e-30;
-            assert!((f64::from(out[0]) - dot).abs() <= tolerance, "{}: {} vs {dot} (magnitude {magnitude})", ty.name(), out[0]);
+            assert!(
+                (f64::from(out[0]) - dot).abs() <= tolerance,
+                "{}: {} vs {dot} (magnitude {magnitude})",
+                ty.name(),
+                out[0]
+            );
         }
     }
 }
@@ -539,15 +629,31 @@ fn simd_matvec_equals_scalar() {
     }
 }
 
-fn compare(kernels: Kernels, ty: GgmlType, n: usize, w: &[u8], a: &[u8], got: f32, expected: f32, exact: bool) {
+#[allow(clippy::too_many_arguments)]
+fn compare(
+    kernels: Kernels,
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    a: &[u8],
+    got: f32,
+    expected: f32,
+    exact: bool,
+) {
     let what = format!("{:?} {} n={n}", kernels.level(), ty.name());
     if exact {
-        assert!(expected.abs() < (1 << 23) as f32, "{what}: test data too large to be exact");
+        assert!(
+            expected.abs() < (1 << 23) as f32,
+            "{what}: test data too large to be exact"
+        );
         assert_eq!(got, expected, "{what}: integer dot products differ");
     } else {
         let (_, magnitude) = reference_dot(ty, n, w, a);
         let tolerance = 2e-6 * magnitude as f32 + 1e-30;
-        assert!((got - expected).abs() <= tolerance, "{what}: {got} vs {expected} (magnitude {magnitude})");
+        assert!(
+            (got - expected).abs() <= tolerance,
+            "{what}: {got} vs {expected} (magnitude {magnitude})"
+        );
     }
 }
 
@@ -578,7 +684,12 @@ fn simd_matmul_equals_scalar_and_matvec() {
                             compare(kernels, ty, n, wr, a, value, expected[r], unit_scales);
                             compare(kernels, ty, n, wr, a, value, per_column[r], unit_scales);
                         }
-                        assert!(got[c * stride + rows..(c + 1) * stride].iter().all(|v| v.is_nan()), "wrote past the rows");
+                        assert!(
+                            got[c * stride + rows..(c + 1) * stride]
+                                .iter()
+                                .all(|v| v.is_nan()),
+                            "wrote past the rows"
+                        );
                     }
                 }
             }
@@ -600,8 +711,19 @@ fn large_matmul_uses_column_groups_correctly() {
         let act_bytes = ty.act_type().row_bytes(n).unwrap();
         for c in 0..cols {
             let mut expected = vec![0.0; rows];
-            scalar().matvec(ty, n, &w, &acts[c * act_bytes..(c + 1) * act_bytes], &mut expected);
-            assert_eq!(&got[c * rows..(c + 1) * rows], &expected[..], "{:?} column {c}", kernels.level());
+            scalar().matvec(
+                ty,
+                n,
+                &w,
+                &acts[c * act_bytes..(c + 1) * act_bytes],
+                &mut expected,
+            );
+            assert_eq!(
+                &got[c * rows..(c + 1) * rows],
+                &expected[..],
+                "{:?} column {c}",
+                kernels.level()
+            );
         }
     }
 }
@@ -610,13 +732,28 @@ fn large_matmul_uses_column_groups_correctly() {
 fn quantize_row_simd_equals_scalar() {
     let mut rng = Rng::new(4);
     for kernels in all_levels() {
-        for act in [GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8_K, GgmlType::F16, GgmlType::BF16, GgmlType::F32] {
+        for act in [
+            GgmlType::Q8_0,
+            GgmlType::Q8_1,
+            GgmlType::Q8_K,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::F32,
+        ] {
             for n in [256, 512, 1024] {
                 let mut inputs = vec![rng.activations(n), vec![0.0; n]];
                 // Exact ties after scaling, and blocks whose extremes are equal and opposite.
                 inputs.push((0..n).map(|i| (i % 255) as f32 - 127.0).collect());
-                inputs.push((0..n).map(|i| if i % 2 == 0 { -3.0 } else { 3.0 }).collect());
-                inputs.push((0..n).map(|i| if i % 3 == 0 { 3.0 } else { -3.0 }).collect());
+                inputs.push(
+                    (0..n)
+                        .map(|i| if i % 2 == 0 { -3.0 } else { 3.0 })
+                        .collect(),
+                );
+                inputs.push(
+                    (0..n)
+                        .map(|i| if i % 3 == 0 { 3.0 } else { -3.0 })
+                        .collect(),
+                );
                 for x in inputs {
                     let bytes = act.row_bytes(n).unwrap();
                     let (mut expected, mut got) = (vec![0u8; bytes], vec![0u8; bytes]);
@@ -640,7 +777,14 @@ fn quantize_then_dequantize_error_bounds() {
     let mut rng = Rng::new(6);
     let n = 4096;
     let x = rng.activations(n);
-    for act in [GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8_K, GgmlType::F16, GgmlType::BF16, GgmlType::F32] {
+    for act in [
+        GgmlType::Q8_0,
+        GgmlType::Q8_1,
+        GgmlType::Q8_K,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::F32,
+    ] {
         let mut q = vec![0u8; act.row_bytes(n).unwrap()];
         scalar().quantize_row(act, &x, &mut q);
         let mut back = vec![0.0; n];
@@ -651,13 +795,19 @@ fn quantize_then_dequantize_error_bounds() {
             for (&v, &y) in xs.iter().zip(ys) {
                 let bound = match act {
                     // Half a step of amax/127, plus the f16 rounding of the scale (127 steps * 2^-11).
-                    GgmlType::Q8_0 | GgmlType::Q8_1 => amax / 127.0 * (0.5 + 127.0 / 2048.0) * 1.0001,
+                    GgmlType::Q8_0 | GgmlType::Q8_1 => {
+                        amax / 127.0 * (0.5 + 127.0 / 2048.0) * 1.0001
+                    }
                     GgmlType::Q8_K => amax / 127.0 * 0.5001,
                     GgmlType::F16 => v.abs() * 2f32.powi(-11),
                     GgmlType::BF16 => v.abs() * 2f32.powi(-8),
                     _ => 0.0,
                 };
-                assert!((v - y).abs() <= bound, "{} block {b}: {v} -> {y} (bound {bound})", act.name());
+                assert!(
+                    (v - y).abs() <= bound,
+                    "{} block {b}: {v} -> {y} (bound {bound})",
+                    act.name()
+                );
             }
         }
     }
@@ -666,7 +816,10 @@ fn quantize_then_dequantize_error_bounds() {
     scalar().quantize_row(GgmlType::Q8_1, &x[..32], &mut q);
     let sum: i32 = q[4..].iter().map(|&b| i32::from(b as i8)).sum();
     let d = x[..32].iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
-    assert_eq!(scalar::f16_at(&q, 2), f16_to_f32(f32_to_f16(d * sum as f32)));
+    assert_eq!(
+        scalar::f16_at(&q, 2),
+        f16_to_f32(f32_to_f16(d * sum as f32))
+    );
     // Q8_K's largest-magnitude value maps to -127 and bsums are the group sums.
     let mut q = vec![0u8; 292];
     scalar().quantize_row(GgmlType::Q8_K, &x[..256], &mut q);
@@ -739,7 +892,11 @@ fn ggml_records(data: &[u8]) -> Vec<GgmlRecord<'_>> {
     };
     assert_eq!(take(0).len(), 0);
     let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap()) as usize;
-    let floats = |b: &[u8]| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>();
+    let floats = |b: &[u8]| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect::<Vec<_>>()
+    };
     let count = u32_at(take(4));
     (0..count)
         .map(|_| {
@@ -750,7 +907,16 @@ fn ggml_records(data: &[u8]) -> Vec<GgmlRecord<'_>> {
             let weights = take(rows * ty.row_bytes(n).unwrap());
             let ggml_dots = floats(take(4 * rows));
             let ggml_dequantized = floats(take(4 * n));
-            GgmlRecord { ty, n, rows, activation, ggml_act, weights, ggml_dots, ggml_dequantized }
+            GgmlRecord {
+                ty,
+                n,
+                rows,
+                activation,
+                ggml_act,
+                weights,
+                ggml_dots,
+                ggml_dequantized,
+            }
         })
         .collect()
 }
@@ -767,18 +933,35 @@ fn matches_ggml_reference() {
         let row_bytes = rec.ty.row_bytes(rec.n).unwrap();
         let mut dequantized = vec![0.0; rec.n];
         dequantize_row(rec.ty, &rec.weights[..row_bytes], &mut dequantized);
-        assert_eq!(dequantized, rec.ggml_dequantized, "{name}: dequantization differs from ggml");
+        assert_eq!(
+            dequantized, rec.ggml_dequantized,
+            "{name}: dequantization differs from ggml"
+        );
         for kernels in all_levels() {
             let mut quantized = vec![0u8; rec.ggml_act.len()];
             kernels.quantize_row(act, &rec.activation, &mut quantized);
-            assert_eq!(quantized, rec.ggml_act, "{:?} {}: activation quantization differs from ggml", kernels.level(), act.name());
+            assert_eq!(
+                quantized,
+                rec.ggml_act,
+                "{:?} {}: activation quantization differs from ggml",
+                kernels.level(),
+                act.name()
+            );
             let mut dots = vec![0.0; rec.rows];
             kernels.matvec(rec.ty, rec.n, rec.weights, rec.ggml_act, &mut dots);
-            for r in 0..rec.rows {
-                let (_, magnitude) = reference_dot(rec.ty, rec.n, &rec.weights[r * row_bytes..(r + 1) * row_bytes], rec.ggml_act);
+            for (r, (&got, &want)) in dots.iter().zip(&rec.ggml_dots).enumerate() {
+                let (_, magnitude) = reference_dot(
+                    rec.ty,
+                    rec.n,
+                    &rec.weights[r * row_bytes..(r + 1) * row_bytes],
+                    rec.ggml_act,
+                );
                 let tolerance = 2e-6 * magnitude as f32;
-                let (got, want) = (dots[r], rec.ggml_dots[r]);
-                assert!((got - want).abs() <= tolerance, "{:?} {name} row {r}: {got} vs ggml {want}", kernels.level());
+                assert!(
+                    (got - want).abs() <= tolerance,
+                    "{:?} {name} row {r}: {got} vs ggml {want}",
+                    kernels.level()
+                );
             }
         }
     }
