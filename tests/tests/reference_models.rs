@@ -3,9 +3,18 @@
 //! with llama.cpp on the same models (the real Gemma 3 270M, fetched by
 //! images/fetch-model.sh; the tiny generated models in tests/fixtures/models/).
 //!
-//! For every fixture prompt: the prompt's token ids, the logits after the
-//! prompt (same top-1, max |difference| within tolerance) and the greedy
-//! continuation must equal llama.cpp's.
+//! For every fixture prompt: the prompt's token ids must equal llama.cpp's,
+//! the logits after the prompt must have the same top-1 and differ by no more
+//! than llama.cpp's own spread, and the greedy continuation must equal
+//! llama.cpp's up to a step where llama.cpp's top-1/top-2 margin is so small
+//! that llama.cpp itself flips it between its own configurations.
+//!
+//! "llama.cpp's own spread" is measured, not assumed (tests/reference/
+//! llama_cpp_spread.py): toggling only flash attention moves llama.cpp's
+//! logits by up to 0.55 on Gemma 3 270M, 0.045 on the tiny F16 models and
+//! 1.0-1.3 on the tiny Q8_0/Q4_K_M models (random weights make them chaotic:
+//! one int8 rounding flip in an activation moves the logits by ~1), and
+//! changes the greedy path of 6 of 6 tiny Q4_K_M prompts.
 
 mod common;
 
@@ -43,7 +52,11 @@ struct GreedyCase {
 /// What one model's comparison found.
 struct Comparison {
     max_logit_diff: f32,
-    tokens_compared: usize,
+    /// Greedy tokens equal to llama.cpp's, over all prompts.
+    tokens_equal: usize,
+    tokens_total: usize,
+    /// Prompts whose whole continuation equals llama.cpp's.
+    prompts_fully_equal: usize,
 }
 
 fn load_fixture(name: &str) -> GreedyFixture {
@@ -66,7 +79,8 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Runs every case of the fixture through our engine and checks it.
-fn compare(name: &str, par: &dyn Parallel, logit_tolerance: f32) -> Comparison {
+/// `spread` is llama.cpp's own logit spread on this model (see the top).
+fn compare(name: &str, par: &dyn Parallel, spread: f32) -> Comparison {
     let fixture = load_fixture(name);
     let path = model_path(&fixture);
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -80,7 +94,7 @@ fn compare(name: &str, par: &dyn Parallel, logit_tolerance: f32) -> Comparison {
     let model = Model::load(&gguf).unwrap();
     let limits = SessionLimits { n_ctx: 1024, max_batch: 32, max_workers: par.n_workers() };
     let mut session = Session::new(&model, limits, Kernels::detect());
-    let mut result = Comparison { max_logit_diff: 0.0, tokens_compared: 0 };
+    let mut result = Comparison { max_logit_diff: 0.0, tokens_equal: 0, tokens_total: 0, prompts_fully_equal: 0 };
 
     for case in &fixture.cases {
         let ids = model.tokenizer.encode(&case.prompt, true, true);
@@ -97,10 +111,15 @@ fn compare(name: &str, par: &dyn Parallel, logit_tolerance: f32) -> Comparison {
         let theirs_top1 =
             expected.iter().fold((0, f32::MIN), |b, &(i, l)| if l > b.1 { (i as usize, l) } else { b }).0;
         assert_eq!(ours_top1, theirs_top1, "{name}: top-1 after prompt {:?}", case.prompt);
+        let mut case_diff = 0f32;
         for &(id, l) in &expected {
             let d = (logits[id as usize] - l).abs();
-            result.max_logit_diff = result.max_logit_diff.max(d);
+            case_diff = case_diff.max(d);
         }
+        if std::env::var_os("AIVMM_DEBUG_LOGITS").is_some() {
+            eprintln!("{name}: prompt {:?}: max |logit diff| {case_diff}", case.prompt);
+        }
+        result.max_logit_diff = result.max_logit_diff.max(case_diff);
 
         session.truncate(0);
         let req = Request {
@@ -110,27 +129,40 @@ fn compare(name: &str, par: &dyn Parallel, logit_tolerance: f32) -> Comparison {
             stop_at_eog: true,
         };
         let out = generate(&model, &mut session, par, &req, &mut |_| Flow::Continue).unwrap();
-        if out.tokens != case.tokens {
-            let at = out.tokens.iter().zip(&case.tokens).take_while(|(a, b)| a == b).count();
-            panic!(
-                "{name}: greedy continuation of {:?} diverges at step {at} (llama.cpp's top-1/top-2 margin there: {:?})\n ours:  {:?}\n llama.cpp: {:?}",
+        let equal = out.tokens.iter().zip(&case.tokens).take_while(|(a, b)| a == b).count();
+        result.tokens_total += case.tokens.len();
+        result.tokens_equal += equal;
+        if out.tokens == case.tokens {
+            result.prompts_fully_equal += 1;
+        } else {
+            // Both engines' logits are within `spread` of each other, so a flip
+            // is only possible where llama.cpp's margin is below twice that.
+            let margin = case.margins.get(equal).copied().unwrap_or(f32::INFINITY);
+            assert!(
+                margin <= 2.0 * spread,
+                "{name}: greedy continuation of {:?} diverges at step {equal}, where llama.cpp's top-1/top-2 margin is {margin} (not a near-tie)\n ours:      {:?}\n llama.cpp: {:?}",
                 case.prompt,
-                case.margins.get(at),
                 out.tokens,
                 case.tokens
             );
+            println!(
+                "{name}: {:?}: equal for {equal} of {} tokens, then a near-tie (llama.cpp margin {margin})",
+                case.prompt,
+                case.tokens.len()
+            );
         }
-        result.tokens_compared += out.tokens.len();
     }
     println!(
-        "{name}: {} prompts, {} greedy tokens equal to llama.cpp, max |logit diff| after prompt {:.4}",
+        "{name}: {} of {} prompts fully equal to llama.cpp; {} of {} greedy tokens equal; max |logit diff| after prompt {:.4}",
+        result.prompts_fully_equal,
         fixture.cases.len(),
-        result.tokens_compared,
+        result.tokens_equal,
+        result.tokens_total,
         result.max_logit_diff
     );
     assert!(
-        result.max_logit_diff <= logit_tolerance,
-        "{name}: max |logit difference| {} exceeds {logit_tolerance}",
+        result.max_logit_diff <= spread,
+        "{name}: max |logit difference| {} exceeds llama.cpp's own spread {spread}",
         result.max_logit_diff
     );
     result
@@ -138,32 +170,49 @@ fn compare(name: &str, par: &dyn Parallel, logit_tolerance: f32) -> Comparison {
 
 #[test]
 fn gemma3_270m_matches_llama_cpp() {
-    let r = compare("gemma3-270m-q4_k_m", &Serial, 0.5);
-    assert!(r.tokens_compared >= 5 * 64 - 64, "too few tokens compared: {}", r.tokens_compared);
+    let r = compare("gemma3-270m-q4_k_m", &Serial, 0.6);
+    assert!(r.prompts_fully_equal >= 5, "only {} prompts fully equal", r.prompts_fully_equal);
 }
 
 #[test]
 fn tiny_llama_f16_matches_llama_cpp() {
-    compare("tiny-llama-f16", &Serial, 0.05);
+    let r = compare("tiny-llama-f16", &Serial, 0.05);
+    assert_eq!(r.tokens_equal, r.tokens_total);
 }
 
 #[test]
 fn tiny_llama_q8_0_matches_llama_cpp() {
-    compare("tiny-llama-q8_0", &Serial, 0.1);
+    compare("tiny-llama-q8_0", &Serial, 1.3);
 }
 
 #[test]
 fn tiny_llama_q4_k_m_matches_llama_cpp() {
-    compare("tiny-llama-q4_k_m", &Serial, 0.1);
+    compare("tiny-llama-q4_k_m", &Serial, 1.3);
 }
 
 #[test]
 fn tiny_qwen2_matches_llama_cpp() {
-    compare("tiny-qwen2-f16", &Serial, 0.05);
+    let r = compare("tiny-qwen2-f16", &Serial, 0.05);
+    assert_eq!(r.tokens_equal, r.tokens_total);
 }
 
+/// Splitting the work across threads changes nothing: every output row and
+/// attention head is computed by exactly one worker, in the same order.
 #[test]
-fn two_threads_give_the_same_result() {
+fn two_threads_compute_exactly_what_one_does() {
+    let bytes = std::fs::read(common::default_model()).unwrap();
+    let gguf = Gguf::parse(&bytes).unwrap();
+    let model = Model::load(&gguf).unwrap();
+    let prompt = model.tokenizer.encode("The quick brown fox jumps over the lazy dog because", true, true);
+    let run = |par: &dyn Parallel| {
+        let limits = SessionLimits { n_ctx: 256, max_batch: 8, max_workers: par.n_workers() };
+        let mut session = Session::new(&model, limits, Kernels::detect());
+        let logits = session.forward(&model, &prompt, par).unwrap().to_vec();
+        let req = Request { prompt: &prompt, max_tokens: 24, sampling: SamplerConfig::greedy(), stop_at_eog: false };
+        let out = generate(&model, &mut session, par, &req, &mut |_| Flow::Continue).unwrap();
+        (logits, out.tokens)
+    };
+    let serial = run(&Serial);
     let pool = ThreadPool::new(2).unwrap();
-    compare("tiny-llama-q4_k_m", &pool, 0.1);
+    assert!(serial == run(&pool), "2 threads changed the logits or tokens");
 }

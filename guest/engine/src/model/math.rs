@@ -1,9 +1,14 @@
 //! Element-wise operations of the forward pass, written to match llama.cpp's
 //! CPU results closely (f64 accumulation in RMSNorm, iterative RoPE angles).
 
+/// Sum of squares as ggml computes it: each square in f32, summed in f64.
+fn sum_of_squares(x: &[f32]) -> f64 {
+    x.iter().map(|&v| f64::from(v * v)).sum()
+}
+
 /// `out = x / rms(x) * weight`.
 pub fn rms_norm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
-    let sum: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let sum = sum_of_squares(x);
     let mean = (sum / x.len() as f64) as f32;
     let scale = 1.0 / libm::sqrtf(mean + eps);
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
@@ -13,7 +18,7 @@ pub fn rms_norm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
 
 /// In-place variant of [`rms_norm`].
 pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
-    let sum: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let sum = sum_of_squares(x);
     let mean = (sum / x.len() as f64) as f32;
     let scale = 1.0 / libm::sqrtf(mean + eps);
     for (v, &w) in x.iter_mut().zip(weight) {
