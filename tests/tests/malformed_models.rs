@@ -44,7 +44,8 @@ fn truncated_models_are_rejected_with_a_reason() {
         let mut cuts: Vec<usize> = (0..200).map(|_| rng.below(bytes.len())).collect();
         cuts.extend([0, 3, 4, 8, 16, 24, bytes.len() - 1]);
         for cut in cuts {
-            let err = parse_and_load(&bytes[..cut]).expect_err(&format!("{name} cut at {cut} loaded"));
+            let err =
+                parse_and_load(&bytes[..cut]).expect_err(&format!("{name} cut at {cut} loaded"));
             assert!(!err.is_empty());
         }
     }

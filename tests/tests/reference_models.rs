@@ -61,7 +61,9 @@ struct Comparison {
 }
 
 fn load_fixture(name: &str) -> GreedyFixture {
-    let path = common::fixtures().join("reference").join(format!("greedy_{name}.json"));
+    let path = common::fixtures()
+        .join("reference")
+        .join(format!("greedy_{name}.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -76,7 +78,10 @@ fn model_path(fixture: &GreedyFixture) -> PathBuf {
 
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Runs every case of the fixture through our engine and checks it.
@@ -93,24 +98,53 @@ fn compare(name: &str, par: &dyn Parallel, spread: f32) -> Comparison {
     );
     let gguf = Gguf::parse(&bytes).unwrap();
     let model = Model::load(&gguf).unwrap();
-    let limits = SessionLimits { n_ctx: 1024, max_batch: 32, max_workers: par.n_workers() };
+    let limits = SessionLimits {
+        n_ctx: 1024,
+        max_batch: 32,
+        max_workers: par.n_workers(),
+    };
     let mut session = Session::new(&model, limits, Kernels::detect());
-    let mut result = Comparison { max_logit_diff: 0.0, tokens_equal: 0, tokens_total: 0, prompts_fully_equal: 0 };
+    let mut result = Comparison {
+        max_logit_diff: 0.0,
+        tokens_equal: 0,
+        tokens_total: 0,
+        prompts_fully_equal: 0,
+    };
 
     for case in &fixture.cases {
         let ids = model.tokenizer.encode(&case.prompt, true, true);
-        assert_eq!(ids, case.prompt_ids, "{name}: tokens of prompt {:?}", case.prompt);
+        assert_eq!(
+            ids, case.prompt_ids,
+            "{name}: tokens of prompt {:?}",
+            case.prompt
+        );
 
         session.truncate(0);
-        let logits = session.forward(&model, &case.prompt_ids, par).unwrap().to_vec();
+        let logits = session
+            .forward(&model, &case.prompt_ids, par)
+            .unwrap()
+            .to_vec();
         let expected: Vec<(u32, f32)> = match (&case.logits, &case.top_logits) {
-            (Some(full), _) => full.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect(),
+            (Some(full), _) => full
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l))
+                .collect(),
             (None, Some(top)) => top.clone(),
             (None, None) => panic!("{name}: case without logits"),
         };
-        let ours_top1 = logits.iter().enumerate().fold((0, f32::MIN), |b, (i, &l)| if l > b.1 { (i, l) } else { b }).0;
-        let theirs_top1 =
-            expected.iter().fold((0, f32::MIN), |b, &(i, l)| if l > b.1 { (i as usize, l) } else { b }).0;
+        let ours_top1 = logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &l)| if l > b.1 { (i, l) } else { b })
+            .0;
+        let theirs_top1 = expected
+            .iter()
+            .fold(
+                (0, f32::MIN),
+                |b, &(i, l)| if l > b.1 { (i as usize, l) } else { b },
+            )
+            .0;
         // The top-1 is the first greedy token: it may differ only at a near-tie (checked below).
         let _ = (ours_top1, theirs_top1);
         let mut case_diff = 0f32;
@@ -119,7 +153,10 @@ fn compare(name: &str, par: &dyn Parallel, spread: f32) -> Comparison {
             case_diff = case_diff.max(d);
         }
         if std::env::var_os("AIVMM_DEBUG_LOGITS").is_some() {
-            eprintln!("{name}: prompt {:?}: max |logit diff| {case_diff}", case.prompt);
+            eprintln!(
+                "{name}: prompt {:?}: max |logit diff| {case_diff}",
+                case.prompt
+            );
         }
         result.max_logit_diff = result.max_logit_diff.max(case_diff);
 
@@ -131,7 +168,12 @@ fn compare(name: &str, par: &dyn Parallel, spread: f32) -> Comparison {
             stop_at_eog: true,
         };
         let out = generate(&model, &mut session, par, &req, &mut |_| Flow::Continue).unwrap();
-        let equal = out.tokens.iter().zip(&case.tokens).take_while(|(a, b)| a == b).count();
+        let equal = out
+            .tokens
+            .iter()
+            .zip(&case.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
         result.tokens_total += case.tokens.len();
         result.tokens_equal += equal;
         if out.tokens == case.tokens {
@@ -177,7 +219,12 @@ fn gemma3_270m_matches_llama_cpp() {
     // (llama.cpp with flash attention off itself changes several of them).
     let r = compare("gemma3-270m-q4_k_m", &Serial, 1.4);
     // llama.cpp against itself keeps 49% of the tokens; far below that means a real bug.
-    assert!(r.tokens_equal * 10 >= r.tokens_total * 3, "only {} of {} greedy tokens equal", r.tokens_equal, r.tokens_total);
+    assert!(
+        r.tokens_equal * 10 >= r.tokens_total * 3,
+        "only {} of {} greedy tokens equal",
+        r.tokens_equal,
+        r.tokens_total
+    );
 }
 
 #[test]
@@ -209,16 +256,32 @@ fn two_threads_compute_exactly_what_one_does() {
     let bytes = std::fs::read(common::default_model()).unwrap();
     let gguf = Gguf::parse(&bytes).unwrap();
     let model = Model::load(&gguf).unwrap();
-    let prompt = model.tokenizer.encode("The quick brown fox jumps over the lazy dog because", true, true);
+    let prompt = model.tokenizer.encode(
+        "The quick brown fox jumps over the lazy dog because",
+        true,
+        true,
+    );
     let run = |par: &dyn Parallel| {
-        let limits = SessionLimits { n_ctx: 256, max_batch: 8, max_workers: par.n_workers() };
+        let limits = SessionLimits {
+            n_ctx: 256,
+            max_batch: 8,
+            max_workers: par.n_workers(),
+        };
         let mut session = Session::new(&model, limits, Kernels::detect());
         let logits = session.forward(&model, &prompt, par).unwrap().to_vec();
-        let req = Request { prompt: &prompt, max_tokens: 24, sampling: SamplerConfig::greedy(), stop_at_eog: false };
+        let req = Request {
+            prompt: &prompt,
+            max_tokens: 24,
+            sampling: SamplerConfig::greedy(),
+            stop_at_eog: false,
+        };
         let out = generate(&model, &mut session, par, &req, &mut |_| Flow::Continue).unwrap();
         (logits, out.tokens)
     };
     let serial = run(&Serial);
     let pool = ThreadPool::new(2).unwrap();
-    assert!(serial == run(&pool), "2 threads changed the logits or tokens");
+    assert!(
+        serial == run(&pool),
+        "2 threads changed the logits or tokens"
+    );
 }

@@ -31,8 +31,11 @@ struct Case {
 }
 
 fn check(fixture_name: &str) {
-    let path = common::fixtures().join("reference").join(format!("tokenizer_{fixture_name}.json"));
-    let f: TokenizerFixture = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let path = common::fixtures()
+        .join("reference")
+        .join(format!("tokenizer_{fixture_name}.json"));
+    let f: TokenizerFixture =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let model_path = if f.model.starts_with("gemma3") {
         common::default_model()
     } else {
@@ -42,7 +45,11 @@ fn check(fixture_name: &str) {
     let gguf = Gguf::parse(&bytes).unwrap();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
     assert_eq!(tok.n_vocab(), f.vocab.n_tokens);
-    assert_eq!(tok.end_of_generation_tokens(), &f.vocab.eog_ids[..], "end-of-generation tokens");
+    assert_eq!(
+        tok.end_of_generation_tokens(),
+        &f.vocab.eog_ids[..],
+        "end-of-generation tokens"
+    );
     let mut mismatches = Vec::new();
     for c in &f.cases {
         let ids = tok.encode(&c.text, c.add_special, c.parse_special);
@@ -53,7 +60,12 @@ fn check(fixture_name: &str) {
             ));
         }
     }
-    assert!(mismatches.is_empty(), "{fixture_name}: {} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{fixture_name}: {} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
     println!("{fixture_name}: {} cases equal to llama.cpp", f.cases.len());
 }
 

@@ -19,9 +19,15 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error)]
 pub enum HostEngineError {
     #[error("cannot open model file {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot map model file {path} into memory: {source}")]
-    Map { path: PathBuf, source: std::io::Error },
+    Map {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a usable GGUF model: {source}")]
     Gguf { path: PathBuf, source: GgufError },
     #[error("cannot run model {path}: {source}")]
@@ -31,7 +37,10 @@ pub enum HostEngineError {
     #[error("invalid sampling parameters: {0}")]
     Sampling(&'static str),
     #[error("cannot start {threads} engine threads: {source}")]
-    Threads { threads: usize, source: std::io::Error },
+    Threads {
+        threads: usize,
+        source: std::io::Error,
+    },
     #[error("context size {requested} is out of range (1..={max}, the model's training context)")]
     ContextSize { requested: usize, max: usize },
     #[error("the prompt is empty")]
@@ -48,12 +57,21 @@ pub struct MappedModel {
 
 impl MappedModel {
     pub fn open(path: &Path) -> Result<Self, HostEngineError> {
-        let file = File::open(path).map_err(|source| HostEngineError::Open { path: path.into(), source })?;
+        let file = File::open(path).map_err(|source| HostEngineError::Open {
+            path: path.into(),
+            source,
+        })?;
         // SAFETY: the mapping is read-only and private to this process; model files
         // are not modified while in use (a concurrent truncation would be a
         // SIGBUS, the same contract llama.cpp's mmap loading has).
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| HostEngineError::Map { path: path.into(), source })?;
-        Ok(MappedModel { path: path.into(), map })
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| HostEngineError::Map {
+            path: path.into(),
+            source,
+        })?;
+        Ok(MappedModel {
+            path: path.into(),
+            map,
+        })
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -61,11 +79,17 @@ impl MappedModel {
     }
 
     pub fn parse(&self) -> Result<Gguf<'_>, HostEngineError> {
-        Gguf::parse(&self.map).map_err(|source| HostEngineError::Gguf { path: self.path.clone(), source })
+        Gguf::parse(&self.map).map_err(|source| HostEngineError::Gguf {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     pub fn load<'a>(&self, gguf: &Gguf<'a>) -> Result<Model<'a>, HostEngineError> {
-        Model::load(gguf).map_err(|source| HostEngineError::Model { path: self.path.clone(), source })
+        Model::load(gguf).map_err(|source| HostEngineError::Model {
+            path: self.path.clone(),
+            source,
+        })
     }
 }
 
@@ -116,12 +140,18 @@ pub struct HostEngine<'a> {
 
 impl<'a> HostEngine<'a> {
     pub fn new(model: Model<'a>, options: HostOptions) -> Result<Self, HostEngineError> {
-        options.sampling.validate().map_err(HostEngineError::Sampling)?;
+        options
+            .sampling
+            .validate()
+            .map_err(HostEngineError::Sampling)?;
         let threads = options.threads.max(1);
         let mut limits = SessionLimits::for_model(&model.config, threads);
         if options.n_ctx != 0 {
             if options.n_ctx > model.config.n_ctx_train {
-                return Err(HostEngineError::ContextSize { requested: options.n_ctx, max: model.config.n_ctx_train });
+                return Err(HostEngineError::ContextSize {
+                    requested: options.n_ctx,
+                    max: model.config.n_ctx_train,
+                });
             }
             limits.n_ctx = options.n_ctx;
         }
@@ -130,8 +160,14 @@ impl<'a> HostEngine<'a> {
         }
         let kernels = options.kernels.unwrap_or_else(Kernels::detect);
         let session = Session::new(&model, limits, kernels);
-        let pool = ThreadPool::new(threads).map_err(|source| HostEngineError::Threads { threads, source })?;
-        Ok(HostEngine { model, session, pool, options })
+        let pool = ThreadPool::new(threads)
+            .map_err(|source| HostEngineError::Threads { threads, source })?;
+        Ok(HostEngine {
+            model,
+            session,
+            pool,
+            options,
+        })
     }
 
     /// Tokenizes `text` as llama.cpp does for a prompt (BOS per the model, special tokens parsed).
@@ -142,7 +178,11 @@ impl<'a> HostEngine<'a> {
     /// Runs one completion after `prompt` (the whole context; the session reuses
     /// whatever prefix of it it already holds),
     /// calling `on_text` with each piece of text as it is produced.
-    pub fn complete(&mut self, prompt: &[u32], on_text: &mut dyn FnMut(&str)) -> Result<Report, HostEngineError> {
+    pub fn complete(
+        &mut self,
+        prompt: &[u32],
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Report, HostEngineError> {
         if prompt.is_empty() {
             return Err(HostEngineError::EmptyPrompt);
         }
@@ -195,7 +235,13 @@ impl<'a> HostEngine<'a> {
     }
 
     fn render(&self, template: ChatTemplate, history: &[(Role, String)]) -> Vec<u32> {
-        let messages: Vec<Message<'_>> = history.iter().map(|(role, content)| Message { role: *role, content }).collect();
+        let messages: Vec<Message<'_>> = history
+            .iter()
+            .map(|(role, content)| Message {
+                role: *role,
+                content,
+            })
+            .collect();
         self.tokenize_prompt(&template.render(&messages, true))
     }
 
@@ -219,9 +265,15 @@ impl<'a> HostEngine<'a> {
             history.push((Role::System, s.to_string()));
         }
         loop {
-            write!(output, "> ").and_then(|_| output.flush()).map_err(HostEngineError::Output)?;
+            write!(output, "> ")
+                .and_then(|_| output.flush())
+                .map_err(HostEngineError::Output)?;
             let mut line = String::new();
-            if input.read_line(&mut line).map_err(HostEngineError::Output)? == 0 {
+            if input
+                .read_line(&mut line)
+                .map_err(HostEngineError::Output)?
+                == 0
+            {
                 writeln!(output).map_err(HostEngineError::Output)?;
                 return Ok(());
             }
@@ -233,13 +285,17 @@ impl<'a> HostEngine<'a> {
             let mut tokens = self.render(template, &history);
             if tokens.len() + self.options.max_tokens > self.session.limits().n_ctx {
                 // Forget the oldest turns rather than fail: keep the system text and this turn.
-                writeln!(summary, "[context full: earlier turns forgotten]").map_err(HostEngineError::Output)?;
+                writeln!(summary, "[context full: earlier turns forgotten]")
+                    .map_err(HostEngineError::Output)?;
                 history.retain(|(r, _)| *r == Role::System);
                 history.push((Role::User, line.to_string()));
                 tokens = self.render(template, &history);
                 if tokens.len() + self.options.max_tokens > self.session.limits().n_ctx {
-                    writeln!(summary, "[this message alone does not fit the context; raise --ctx-size]")
-                        .map_err(HostEngineError::Output)?;
+                    writeln!(
+                        summary,
+                        "[this message alone does not fit the context; raise --ctx-size]"
+                    )
+                    .map_err(HostEngineError::Output)?;
                     history.pop();
                     continue;
                 }

@@ -12,7 +12,11 @@ use aivmm_engine::sampling::SamplerConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "aivmm", version, about = "Carve a server into isolated AI partitions")]
+#[command(
+    name = "aivmm",
+    version,
+    about = "Carve a server into isolated AI partitions"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -146,10 +150,15 @@ fn cmd_generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
                 SimdArg::Avx512 => SimdLevel::Avx512,
                 SimdArg::Avx512vnni => SimdLevel::Avx512Vnni,
             };
-            Some(Kernels::with_level(level).ok_or_else(|| format!("this CPU does not support --simd {level:?}"))?)
+            Some(
+                Kernels::with_level(level)
+                    .ok_or_else(|| format!("this CPU does not support --simd {level:?}"))?,
+            )
         }
     };
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if threads == 0 {
         return Err("--threads must be at least 1".into());
     }
@@ -176,7 +185,11 @@ fn cmd_generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         if args.json {
             return Err("--json needs --prompt (interactive chat prints text)".into());
         }
-        eprintln!("[chat with {} ({} template); end with Ctrl-D]", engine.model.name, template.name());
+        eprintln!(
+            "[chat with {} ({} template); end with Ctrl-D]",
+            engine.model.name,
+            template.name()
+        );
         let stdin = std::io::stdin();
         engine.chat(
             template,
@@ -190,9 +203,15 @@ fn cmd_generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let text = if args.chat {
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
-            messages.push(Message { role: Role::System, content: s });
+            messages.push(Message {
+                role: Role::System,
+                content: s,
+            });
         }
-        messages.push(Message { role: Role::User, content: &prompt });
+        messages.push(Message {
+            role: Role::User,
+            content: &prompt,
+        });
         template.render(&messages, true)
     } else {
         prompt

@@ -13,7 +13,10 @@ const FETCH_SCRIPT: &str = include_str!("../../images/fetch-model.sh");
 #[derive(Debug, thiserror::Error)]
 pub enum ModelStoreError {
     #[error("cannot run bash to fetch model {name}: {source}")]
-    Spawn { name: String, source: std::io::Error },
+    Spawn {
+        name: String,
+        source: std::io::Error,
+    },
     #[error("fetching model {name} failed (see the messages above); pass --model FILE.gguf to use a local file")]
     Failed { name: String },
     #[error("the model fetcher printed no usable path for {name}")]
@@ -31,11 +34,19 @@ pub fn fetch(name: &str) -> Result<PathBuf, ModelStoreError> {
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
-        .map_err(|source| ModelStoreError::Spawn { name: name.into(), source })?;
+        .map_err(|source| ModelStoreError::Spawn {
+            name: name.into(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(ModelStoreError::Failed { name: name.into() });
     }
-    let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_string();
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string();
     let path = PathBuf::from(path);
     if path.as_os_str().is_empty() || !path.is_file() {
         return Err(ModelStoreError::NoPath { name: name.into() });

@@ -36,10 +36,12 @@ pub enum ChatTemplate {
 impl ChatTemplate {
     /// The template of a model: from its Jinja template's markers, else by architecture.
     pub fn for_model(gguf: &Gguf<'_>, arch: Arch) -> ChatTemplate {
-        gguf.get_str("tokenizer.chat_template").and_then(Self::detect).unwrap_or(match arch {
-            Arch::Gemma3 => ChatTemplate::Gemma,
-            Arch::Llama | Arch::Qwen2 => ChatTemplate::ChatMl,
-        })
+        gguf.get_str("tokenizer.chat_template")
+            .and_then(Self::detect)
+            .unwrap_or(match arch {
+                Arch::Gemma3 => ChatTemplate::Gemma,
+                Arch::Llama | Arch::Qwen2 => ChatTemplate::ChatMl,
+            })
     }
 
     /// Recognises a family from the markers in a Jinja chat template.
@@ -82,7 +84,11 @@ impl ChatTemplate {
                     match m.role {
                         Role::System => system = Some(m.content),
                         Role::User | Role::Assistant => {
-                            let role = if m.role == Role::User { "user" } else { "model" };
+                            let role = if m.role == Role::User {
+                                "user"
+                            } else {
+                                "model"
+                            };
                             out.push_str("<start_of_turn>");
                             out.push_str(role);
                             out.push('\n');
@@ -183,10 +189,22 @@ mod tests {
     #[test]
     fn gemma_turns() {
         let msgs = [
-            Message { role: Role::System, content: "Be brief." },
-            Message { role: Role::User, content: "Hi" },
-            Message { role: Role::Assistant, content: "Hello!" },
-            Message { role: Role::User, content: "Why is the sky blue?" },
+            Message {
+                role: Role::System,
+                content: "Be brief.",
+            },
+            Message {
+                role: Role::User,
+                content: "Hi",
+            },
+            Message {
+                role: Role::Assistant,
+                content: "Hello!",
+            },
+            Message {
+                role: Role::User,
+                content: "Why is the sky blue?",
+            },
         ];
         assert_eq!(
             ChatTemplate::Gemma.render(&msgs, true),
@@ -197,13 +215,28 @@ mod tests {
 
     #[test]
     fn detects_families() {
-        assert_eq!(ChatTemplate::detect("{{ '<start_of_turn>' + role }}"), Some(ChatTemplate::Gemma));
-        assert_eq!(ChatTemplate::detect("<|im_start|>"), Some(ChatTemplate::ChatMl));
-        assert_eq!(ChatTemplate::detect("<|start_header_id|>"), Some(ChatTemplate::Llama3));
+        assert_eq!(
+            ChatTemplate::detect("{{ '<start_of_turn>' + role }}"),
+            Some(ChatTemplate::Gemma)
+        );
+        assert_eq!(
+            ChatTemplate::detect("<|im_start|>"),
+            Some(ChatTemplate::ChatMl)
+        );
+        assert_eq!(
+            ChatTemplate::detect("<|start_header_id|>"),
+            Some(ChatTemplate::Llama3)
+        );
         assert_eq!(ChatTemplate::detect("[INST]"), Some(ChatTemplate::Llama2));
         assert_eq!(ChatTemplate::detect("{{ messages }}"), None);
-        let m = [Message { role: Role::User, content: "x" }];
-        assert_eq!(ChatTemplate::ChatMl.render(&m, true), "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n");
+        let m = [Message {
+            role: Role::User,
+            content: "x",
+        }];
+        assert_eq!(
+            ChatTemplate::ChatMl.render(&m, true),
+            "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+        );
         assert_eq!(
             ChatTemplate::Llama3.render(&m, true),
             "<|start_header_id|>user<|end_header_id|>\n\nx<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"

@@ -82,7 +82,11 @@ pub fn generate(
     for &t in req.prompt {
         sampler.accept(t);
     }
-    let mut out = Outcome { tokens: Vec::new(), text: String::new(), stop: StopReason::MaxTokens };
+    let mut out = Outcome {
+        tokens: Vec::new(),
+        text: String::new(),
+        stop: StopReason::MaxTokens,
+    };
     let n_reused = session.reusable_prefix(req.prompt);
     session.feed_context(model, req.prompt, par)?;
     let n_fed = req.prompt.len() - n_reused;
@@ -96,7 +100,11 @@ pub fn generate(
         sampler.accept(id);
         out.tokens.push(id);
         let eog = model.tokenizer.is_end_of_generation(id);
-        let text = if eog && req.stop_at_eog { String::new() } else { decoder.push(&model.tokenizer, id) };
+        let text = if eog && req.stop_at_eog {
+            String::new()
+        } else {
+            decoder.push(&model.tokenizer, id)
+        };
         out.text.push_str(&text);
         if on_event(Event::Token { id, text: &text }) == Flow::Stop {
             out.stop = StopReason::Cancelled;

@@ -18,21 +18,51 @@ const MAX_DIMS: u32 = 4;
 #[derive(Debug, Clone, PartialEq)]
 pub enum GgufError {
     /// The file ends before a field that should be there.
-    Truncated { what: &'static str, offset: usize },
+    Truncated {
+        what: &'static str,
+        offset: usize,
+    },
     BadMagic([u8; 4]),
     UnsupportedVersion(u32),
     /// A string is not valid UTF-8.
-    InvalidUtf8 { what: &'static str, offset: usize },
-    UnknownValueType { key: alloc::string::String, ty: u32 },
-    NestedArray { key: alloc::string::String },
+    InvalidUtf8 {
+        what: &'static str,
+        offset: usize,
+    },
+    UnknownValueType {
+        key: alloc::string::String,
+        ty: u32,
+    },
+    NestedArray {
+        key: alloc::string::String,
+    },
     DuplicateKey(alloc::string::String),
     BadAlignment(u64),
-    BadDims { tensor: alloc::string::String, reason: &'static str },
-    UnsupportedTensorType { tensor: alloc::string::String, id: u32 },
+    BadDims {
+        tensor: alloc::string::String,
+        reason: &'static str,
+    },
+    UnsupportedTensorType {
+        tensor: alloc::string::String,
+        id: u32,
+    },
     /// A row length that is not a multiple of the type's block length.
-    BadRowLength { tensor: alloc::string::String, ty: &'static str, row: u64 },
-    MisalignedTensor { tensor: alloc::string::String, offset: u64, alignment: u64 },
-    TensorOutOfBounds { tensor: alloc::string::String, start: u64, size: u64, file_len: u64 },
+    BadRowLength {
+        tensor: alloc::string::String,
+        ty: &'static str,
+        row: u64,
+    },
+    MisalignedTensor {
+        tensor: alloc::string::String,
+        offset: u64,
+        alignment: u64,
+    },
+    TensorOutOfBounds {
+        tensor: alloc::string::String,
+        start: u64,
+        size: u64,
+        file_len: u64,
+    },
     DuplicateTensor(alloc::string::String),
 }
 
@@ -371,30 +401,58 @@ impl<'a> Gguf<'a> {
             let name = r.string("tensor name")?;
             let n_dims = r.u32("tensor dimension count")?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(GgufError::BadDims { tensor: name.into(), reason: "dimension count must be 1..=4" });
+                return Err(GgufError::BadDims {
+                    tensor: name.into(),
+                    reason: "dimension count must be 1..=4",
+                });
             }
             let mut dims = [1u64; 4];
             for d in dims.iter_mut().take(n_dims as usize) {
                 *d = r.u64("tensor dimension")?;
                 if *d == 0 {
-                    return Err(GgufError::BadDims { tensor: name.into(), reason: "a dimension is zero" });
+                    return Err(GgufError::BadDims {
+                        tensor: name.into(),
+                        reason: "a dimension is zero",
+                    });
                 }
             }
             let type_id = r.u32("tensor type")?;
-            let ty = GgmlType::from_id(type_id)
-                .ok_or_else(|| GgufError::UnsupportedTensorType { tensor: name.into(), id: type_id })?;
+            let ty =
+                GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnsupportedTensorType {
+                    tensor: name.into(),
+                    id: type_id,
+                })?;
             let offset = r.u64("tensor data offset")?;
-            let row = usize::try_from(dims[0]).ok().and_then(|n| ty.row_bytes(n)).ok_or_else(|| {
-                GgufError::BadRowLength { tensor: name.into(), ty: ty.name(), row: dims[0] }
-            })?;
+            let row = usize::try_from(dims[0])
+                .ok()
+                .and_then(|n| ty.row_bytes(n))
+                .ok_or_else(|| GgufError::BadRowLength {
+                    tensor: name.into(),
+                    ty: ty.name(),
+                    row: dims[0],
+                })?;
             let size = dims[1..]
                 .iter()
                 .try_fold(row as u64, |acc, &d| acc.checked_mul(d))
-                .ok_or(GgufError::BadDims { tensor: name.into(), reason: "size overflows" })?;
+                .ok_or(GgufError::BadDims {
+                    tensor: name.into(),
+                    reason: "size overflows",
+                })?;
             if offset % alignment != 0 {
-                return Err(GgufError::MisalignedTensor { tensor: name.into(), offset, alignment });
+                return Err(GgufError::MisalignedTensor {
+                    tensor: name.into(),
+                    offset,
+                    alignment,
+                });
             }
-            raw.push(RawTensor { name, dims, n_dims, ty, offset, size });
+            raw.push(RawTensor {
+                name,
+                dims,
+                n_dims,
+                ty,
+                offset,
+                size,
+            });
         }
 
         let data_offset = (r.pos as u64).next_multiple_of(alignment);
@@ -410,8 +468,13 @@ impl<'a> Gguf<'a> {
                 size: t.size,
                 file_len,
             };
-            let start = data_offset.checked_add(t.offset).ok_or_else(out_of_bounds)?;
-            let end = start.checked_add(t.size).filter(|&e| e <= file_len).ok_or_else(out_of_bounds)?;
+            let start = data_offset
+                .checked_add(t.offset)
+                .ok_or_else(out_of_bounds)?;
+            let end = start
+                .checked_add(t.size)
+                .filter(|&e| e <= file_len)
+                .ok_or_else(out_of_bounds)?;
             // start <= end <= file_len, which is a usize.
             let data = &bytes[start as usize..end as usize];
             tensors.push(TensorInfo {
@@ -423,7 +486,13 @@ impl<'a> Gguf<'a> {
                 data,
             });
         }
-        Ok(Gguf { version, metadata, tensors, data_offset, alignment })
+        Ok(Gguf {
+            version,
+            metadata,
+            tensors,
+            data_offset,
+            alignment,
+        })
     }
 
     /// All metadata in file order.
@@ -432,7 +501,10 @@ impl<'a> Gguf<'a> {
     }
 
     pub fn get(&self, key: &str) -> Option<&Value<'a>> {
-        self.metadata.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        self.metadata
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
     }
 
     pub fn get_str(&self, key: &str) -> Option<&'a str> {
@@ -491,7 +563,10 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], GgufError> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
-        let end = end.ok_or(GgufError::Truncated { what, offset: self.pos })?;
+        let end = end.ok_or(GgufError::Truncated {
+            what,
+            offset: self.pos,
+        })?;
         let s = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -515,12 +590,17 @@ impl<'a> Reader<'a> {
         let at = self.pos;
         let len = self.u64(what)?;
         let len = usize::try_from(len).map_err(|_| GgufError::Truncated { what, offset: at })?;
-        let bytes = self.take(len, what).map_err(|_| GgufError::Truncated { what, offset: at })?;
+        let bytes = self
+            .take(len, what)
+            .map_err(|_| GgufError::Truncated { what, offset: at })?;
         core::str::from_utf8(bytes).map_err(|_| GgufError::InvalidUtf8 { what, offset: at })
     }
 
     fn value(&mut self, key: &'a str, ty: u32) -> Result<Value<'a>, GgufError> {
-        let vt = ValueType::from_id(ty).ok_or_else(|| GgufError::UnknownValueType { key: key.into(), ty })?;
+        let vt = ValueType::from_id(ty).ok_or_else(|| GgufError::UnknownValueType {
+            key: key.into(),
+            ty,
+        })?;
         const WHAT: &str = "metadata value";
         Ok(match vt {
             ValueType::U8 => Value::U8(self.array::<1>(WHAT)?[0]),
@@ -537,11 +617,16 @@ impl<'a> Reader<'a> {
             ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(WHAT)?)),
             ValueType::Array => {
                 let ety = self.u32("array element type")?;
-                let elem =
-                    ValueType::from_id(ety).ok_or_else(|| GgufError::UnknownValueType { key: key.into(), ty: ety })?;
+                let elem = ValueType::from_id(ety).ok_or_else(|| GgufError::UnknownValueType {
+                    key: key.into(),
+                    ty: ety,
+                })?;
                 let at = self.pos;
                 let len = self.u64("array length")?;
-                let len = usize::try_from(len).map_err(|_| GgufError::Truncated { what: "array", offset: at })?;
+                let len = usize::try_from(len).map_err(|_| GgufError::Truncated {
+                    what: "array",
+                    offset: at,
+                })?;
                 let start = self.pos;
                 match elem {
                     ValueType::Array => return Err(GgufError::NestedArray { key: key.into() }),
@@ -552,11 +637,18 @@ impl<'a> Reader<'a> {
                     }
                     _ => {
                         let size = elem.scalar_size().unwrap_or(1);
-                        let n = len.checked_mul(size).ok_or(GgufError::Truncated { what: "array", offset: at })?;
+                        let n = len.checked_mul(size).ok_or(GgufError::Truncated {
+                            what: "array",
+                            offset: at,
+                        })?;
                         self.take(n, "array")?;
                     }
                 }
-                Value::Array(Array { elem, len, raw: &self.bytes[start..self.pos] })
+                Value::Array(Array {
+                    elem,
+                    len,
+                    raw: &self.bytes[start..self.pos],
+                })
             }
         })
     }
@@ -579,7 +671,14 @@ mod tests {
 
     impl Builder {
         pub fn new() -> Self {
-            Builder { kv: vec![], n_kv: 0, infos: vec![], n_tensors: 0, data: vec![], version: 3 }
+            Builder {
+                kv: vec![],
+                n_kv: 0,
+                infos: vec![],
+                n_tensors: 0,
+                data: vec![],
+                version: 3,
+            }
         }
         fn str_bytes(out: &mut Vec<u8>, s: &str) {
             out.extend_from_slice(&(s.len() as u64).to_le_bytes());
@@ -626,12 +725,14 @@ mod tests {
                 self.data.push(0);
             }
             Self::str_bytes(&mut self.infos, name);
-            self.infos.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            self.infos
+                .extend_from_slice(&(dims.len() as u32).to_le_bytes());
             for d in dims {
                 self.infos.extend_from_slice(&d.to_le_bytes());
             }
             self.infos.extend_from_slice(&0u32.to_le_bytes());
-            self.infos.extend_from_slice(&(self.data.len() as u64).to_le_bytes());
+            self.infos
+                .extend_from_slice(&(self.data.len() as u64).to_le_bytes());
             for v in values {
                 self.data.extend_from_slice(&v.to_le_bytes());
             }
@@ -671,11 +772,25 @@ mod tests {
         assert_eq!(g.version, 3);
         assert_eq!(g.get_str("general.architecture"), Some("llama"));
         assert_eq!(g.get_u32("llama.block_count"), Some(2));
-        let toks: Vec<&str> = g.get_array("tokenizer.ggml.tokens").unwrap().strings().unwrap().collect();
+        let toks: Vec<&str> = g
+            .get_array("tokenizer.ggml.tokens")
+            .unwrap()
+            .strings()
+            .unwrap()
+            .collect();
         assert_eq!(toks, ["<unk>", "a", "bc"]);
-        let scores: Vec<f32> = g.get_array("tokenizer.ggml.scores").unwrap().f32s().unwrap().collect();
+        let scores: Vec<f32> = g
+            .get_array("tokenizer.ggml.scores")
+            .unwrap()
+            .f32s()
+            .unwrap()
+            .collect();
         assert_eq!(scores, [0.0, -1.0, -2.5]);
-        assert!(g.get_array("tokenizer.ggml.scores").unwrap().strings().is_none());
+        assert!(g
+            .get_array("tokenizer.ggml.scores")
+            .unwrap()
+            .strings()
+            .is_none());
         let w = g.tensor("w").unwrap();
         assert_eq!(w.rows_cols(), (2, 4));
         assert_eq!(w.ty, GgmlType::F32);
@@ -688,7 +803,10 @@ mod tests {
     fn every_truncation_is_an_error() {
         let bytes = sample();
         for len in 0..bytes.len() {
-            assert!(Gguf::parse(&bytes[..len]).is_err(), "prefix of {len} bytes parsed");
+            assert!(
+                Gguf::parse(&bytes[..len]).is_err(),
+                "prefix of {len} bytes parsed"
+            );
         }
     }
 
@@ -699,7 +817,10 @@ mod tests {
         assert!(matches!(Gguf::parse(&bytes), Err(GgufError::BadMagic(_))));
         let mut b = Builder::new();
         b.version = 1;
-        assert_eq!(Gguf::parse(&b.build()).unwrap_err(), GgufError::UnsupportedVersion(1));
+        assert_eq!(
+            Gguf::parse(&b.build()).unwrap_err(),
+            GgufError::UnsupportedVersion(1)
+        );
         b.version = 2;
         assert!(Gguf::parse(&b.build()).is_ok());
     }
@@ -710,13 +831,19 @@ mod tests {
         bytes.extend_from_slice(&3u32.to_le_bytes());
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(Gguf::parse(&bytes), Err(GgufError::Truncated { .. })));
+        assert!(matches!(
+            Gguf::parse(&bytes),
+            Err(GgufError::Truncated { .. })
+        ));
         // A string whose length claims more than the file holds.
         let mut b = Builder::new();
         b.kv_str("k", "v");
         let mut bytes = b.build();
         bytes[24..32].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
-        assert!(matches!(Gguf::parse(&bytes), Err(GgufError::Truncated { .. })));
+        assert!(matches!(
+            Gguf::parse(&bytes),
+            Err(GgufError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -725,7 +852,10 @@ mod tests {
         let mut b = Builder::new();
         b.tensor_f32("t", &[8], &[1.0; 8]);
         let bytes = b.build();
-        assert!(matches!(Gguf::parse(&bytes[..bytes.len() - 4]), Err(GgufError::TensorOutOfBounds { .. })));
+        assert!(matches!(
+            Gguf::parse(&bytes[..bytes.len() - 4]),
+            Err(GgufError::TensorOutOfBounds { .. })
+        ));
 
         // Patch fields of the single tensor info: name(8+1) n_dims(4) dim(8) type(4) offset(8).
         let info = 24;
@@ -733,23 +863,41 @@ mod tests {
         let mut bad_type = bytes.clone();
         bad_type[type_at..type_at + 4].copy_from_slice(&16u32.to_le_bytes()); // IQ2_XXS
         let err = Gguf::parse(&bad_type).unwrap_err();
-        assert!(matches!(err, GgufError::UnsupportedTensorType { id: 16, .. }));
+        assert!(matches!(
+            err,
+            GgufError::UnsupportedTensorType { id: 16, .. }
+        ));
         assert!(alloc::format!("{err}").contains("IQ2_XXS"));
         bad_type[type_at..type_at + 4].copy_from_slice(&999u32.to_le_bytes());
-        assert!(matches!(Gguf::parse(&bad_type), Err(GgufError::UnsupportedTensorType { id: 999, .. })));
+        assert!(matches!(
+            Gguf::parse(&bad_type),
+            Err(GgufError::UnsupportedTensorType { id: 999, .. })
+        ));
 
         let mut bad_offset = bytes.clone();
         bad_offset[type_at + 4..type_at + 12].copy_from_slice(&7u64.to_le_bytes());
-        assert!(matches!(Gguf::parse(&bad_offset), Err(GgufError::MisalignedTensor { .. })));
+        assert!(matches!(
+            Gguf::parse(&bad_offset),
+            Err(GgufError::MisalignedTensor { .. })
+        ));
         bad_offset[type_at + 4..type_at + 12].copy_from_slice(&(u64::MAX - 31).to_le_bytes());
-        assert!(matches!(Gguf::parse(&bad_offset), Err(GgufError::TensorOutOfBounds { .. })));
+        assert!(matches!(
+            Gguf::parse(&bad_offset),
+            Err(GgufError::TensorOutOfBounds { .. })
+        ));
 
         let mut bad_dims = bytes.clone();
         bad_dims[info + 9..info + 13].copy_from_slice(&5u32.to_le_bytes());
-        assert!(matches!(Gguf::parse(&bad_dims), Err(GgufError::BadDims { .. })));
+        assert!(matches!(
+            Gguf::parse(&bad_dims),
+            Err(GgufError::BadDims { .. })
+        ));
         let mut zero_dim = bytes.clone();
         zero_dim[info + 13..info + 21].copy_from_slice(&0u64.to_le_bytes());
-        assert!(matches!(Gguf::parse(&zero_dim), Err(GgufError::BadDims { .. })));
+        assert!(matches!(
+            Gguf::parse(&zero_dim),
+            Err(GgufError::BadDims { .. })
+        ));
         let mut huge_dim = bytes;
         huge_dim[info + 13..info + 21].copy_from_slice(&(1u64 << 62).to_le_bytes());
         assert!(Gguf::parse(&huge_dim).is_err());
@@ -761,9 +909,15 @@ mod tests {
         b.kv_u32("a", 1);
         let mut bytes = b.build();
         bytes[24 + 9..24 + 13].copy_from_slice(&13u32.to_le_bytes());
-        assert!(matches!(Gguf::parse(&bytes), Err(GgufError::UnknownValueType { ty: 13, .. })));
+        assert!(matches!(
+            Gguf::parse(&bytes),
+            Err(GgufError::UnknownValueType { ty: 13, .. })
+        ));
         let mut b = Builder::new();
         b.kv_u32("a", 1).kv_u32("a", 2);
-        assert!(matches!(Gguf::parse(&b.build()), Err(GgufError::DuplicateKey(_))));
+        assert!(matches!(
+            Gguf::parse(&b.build()),
+            Err(GgufError::DuplicateKey(_))
+        ));
     }
 }

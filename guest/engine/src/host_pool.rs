@@ -51,7 +51,10 @@ impl ThreadPool {
 
     /// Like [`ThreadPool::new`]; `on_start(i)` runs first on each spawned worker
     /// thread `i` (1..n), e.g. to pin it to a core.
-    pub fn with_affinity(n: usize, on_start: impl Fn(usize) + Send + Sync + 'static) -> std::io::Result<Self> {
+    pub fn with_affinity(
+        n: usize,
+        on_start: impl Fn(usize) + Send + Sync + 'static,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             job: UnsafeCell::new(None),
             epoch: AtomicUsize::new(0),
@@ -76,7 +79,11 @@ impl ThreadPool {
                     })?,
             );
         }
-        Ok(ThreadPool { shared, workers, run_lock: Mutex::new(()) })
+        Ok(ThreadPool {
+            shared,
+            workers,
+            run_lock: Mutex::new(()),
+        })
     }
 }
 
@@ -100,7 +107,9 @@ fn worker_loop(shared: &Shared, index: usize) {
             }
             let mut guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
             shared.sleepers.fetch_add(1, Ordering::SeqCst);
-            while shared.epoch.load(Ordering::SeqCst) == seen && !shared.shutdown.load(Ordering::SeqCst) {
+            while shared.epoch.load(Ordering::SeqCst) == seen
+                && !shared.shutdown.load(Ordering::SeqCst)
+            {
                 guard = shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
             }
             shared.sleepers.fetch_sub(1, Ordering::SeqCst);
@@ -133,7 +142,8 @@ impl Parallel for ThreadPool {
         // them); the lifetime is erased but the pointer is cleared again before
         // this function returns, after every worker is done with it.
         unsafe {
-            let erased: *const Job = core::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(job);
+            let erased: *const Job =
+                core::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(job);
             *shared.job.get() = Some(erased);
         }
         shared.pending.store(self.workers.len(), Ordering::Release);
@@ -184,7 +194,11 @@ mod tests {
     fn every_worker_runs_each_job_once() {
         let pool = ThreadPool::new(3).unwrap();
         for _ in 0..1000 {
-            let hits = [AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0)];
+            let hits = [
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+            ];
             pool.run(&|i| {
                 hits[i].fetch_add(1, Ordering::Relaxed);
             });

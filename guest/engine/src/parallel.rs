@@ -39,7 +39,11 @@ pub struct ChunkCounter {
 
 impl ChunkCounter {
     pub fn new(total: usize, chunk: usize) -> Self {
-        ChunkCounter { next: AtomicUsize::new(0), total, chunk: chunk.max(1) }
+        ChunkCounter {
+            next: AtomicUsize::new(0),
+            total,
+            chunk: chunk.max(1),
+        }
     }
 
     /// The next range to process, or None when all are taken.
@@ -63,7 +67,11 @@ unsafe impl<T: Send> Sync for DisjointSlice<'_, T> {}
 
 impl<'a, T> DisjointSlice<'a, T> {
     pub fn new(slice: &'a mut [T]) -> Self {
-        DisjointSlice { ptr: slice.as_mut_ptr(), len: slice.len(), _borrow: PhantomData }
+        DisjointSlice {
+            ptr: slice.as_mut_ptr(),
+            len: slice.len(),
+            _borrow: PhantomData,
+        }
     }
 
     /// A mutable view of `range`.
@@ -72,9 +80,14 @@ impl<'a, T> DisjointSlice<'a, T> {
     /// No two views that overlap may exist at the same time (across all threads).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn range(&self, range: core::ops::Range<usize>) -> &mut [T] {
-        assert!(range.start <= range.end && range.end <= self.len, "DisjointSlice range out of bounds");
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "DisjointSlice range out of bounds"
+        );
         // SAFETY: in bounds (checked above) of a slice borrowed mutably for 'a;
         // exclusivity is the caller's contract.
-        unsafe { core::slice::from_raw_parts_mut(self.ptr.add(range.start), range.end - range.start) }
+        unsafe {
+            core::slice::from_raw_parts_mut(self.ptr.add(range.start), range.end - range.start)
+        }
     }
 }

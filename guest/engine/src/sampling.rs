@@ -41,7 +41,10 @@ impl Default for SamplerConfig {
 
 impl SamplerConfig {
     pub fn greedy() -> Self {
-        SamplerConfig { temperature: 0.0, ..Self::default() }
+        SamplerConfig {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 
     /// A description of the first parameter that is out of range.
@@ -78,7 +81,9 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
             z ^ (z >> 31)
         };
-        Rng { s: [next(), next(), next(), next()] }
+        Rng {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -158,7 +163,12 @@ impl Sampler {
 
         let cands = &mut self.candidates;
         cands.clear();
-        cands.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, penalized(i, l))));
+        cands.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, penalized(i, l))),
+        );
         let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
         if cfg.top_k > 0 && cfg.top_k < cands.len() {
             cands.select_nth_unstable_by(cfg.top_k - 1, by_logit_desc);
@@ -193,7 +203,10 @@ impl Sampler {
         }
         cands.truncate(keep.max(1));
 
-        let weights: Vec<f32> = cands.iter().map(|c| libm::expf((c.1 - max) / cfg.temperature)).collect();
+        let weights: Vec<f32> = cands
+            .iter()
+            .map(|c| libm::expf((c.1 - max) / cfg.temperature))
+            .collect();
         let total: f32 = weights.iter().sum();
         let mut r = self.rng.next_f32() * total;
         for (c, w) in cands.iter().zip(&weights) {
@@ -220,7 +233,13 @@ mod tests {
     #[test]
     fn seed_reproduces_and_top_k_restricts() {
         let logits: Vec<f32> = (0..100).map(|i| (i % 17) as f32 * 0.3).collect();
-        let cfg = SamplerConfig { temperature: 1.5, top_k: 5, top_p: 1.0, min_p: 0.0, ..SamplerConfig::default() };
+        let cfg = SamplerConfig {
+            temperature: 1.5,
+            top_k: 5,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..SamplerConfig::default()
+        };
         let run = |seed| {
             let mut s = Sampler::new(SamplerConfig { seed, ..cfg }, 100);
             (0..50).map(|_| s.sample(&logits)).collect::<Vec<_>>()
@@ -234,20 +253,41 @@ mod tests {
     #[test]
     fn top_p_and_min_p_cut_the_tail() {
         let logits = vec![10.0, 9.9, 0.0, -5.0];
-        let cfg = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.9, min_p: 0.0, ..SamplerConfig::default() };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.9,
+            min_p: 0.0,
+            ..SamplerConfig::default()
+        };
         let mut s = Sampler::new(cfg, 4);
         assert!((0..200).all(|_| s.sample(&logits) < 2));
-        let cfg = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.5, ..SamplerConfig::default() };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.5,
+            ..SamplerConfig::default()
+        };
         let mut s = Sampler::new(cfg, 4);
         assert!((0..200).all(|_| s.sample(&logits) < 2));
     }
 
     #[test]
     fn repetition_penalty_demotes_recent_tokens() {
-        let mut s = Sampler::new(SamplerConfig { repeat_penalty: 2.0, ..SamplerConfig::greedy() }, 3);
+        let mut s = Sampler::new(
+            SamplerConfig {
+                repeat_penalty: 2.0,
+                ..SamplerConfig::greedy()
+            },
+            3,
+        );
         s.accept(0);
         assert_eq!(s.sample(&[2.0, 1.5, 0.0]), 1);
-        let bad = SamplerConfig { top_p: 1.5, ..SamplerConfig::default() };
+        let bad = SamplerConfig {
+            top_p: 1.5,
+            ..SamplerConfig::default()
+        };
         assert!(bad.validate().is_err());
     }
 }

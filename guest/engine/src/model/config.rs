@@ -74,22 +74,32 @@ pub struct Config {
 
 impl Config {
     pub fn from_gguf(g: &Gguf<'_>) -> Result<Config, ModelError> {
-        let arch_name = g.get_str("general.architecture").ok_or(ModelError::MissingMetadata {
-            key: "general.architecture".into(),
-        })?;
-        let arch = Arch::from_name(arch_name).ok_or_else(|| ModelError::UnsupportedArchitecture(arch_name.into()))?;
+        let arch_name = g
+            .get_str("general.architecture")
+            .ok_or(ModelError::MissingMetadata {
+                key: "general.architecture".into(),
+            })?;
+        let arch = Arch::from_name(arch_name)
+            .ok_or_else(|| ModelError::UnsupportedArchitecture(arch_name.into()))?;
         let key = |k: &str| -> String { alloc::format!("{arch_name}.{k}") };
         let req = |k: &str| -> Result<usize, ModelError> {
             let full = key(k);
-            let v = g.get_u32(&full).ok_or(ModelError::MissingMetadata { key: full.clone() })?;
+            let v = g
+                .get_u32(&full)
+                .ok_or(ModelError::MissingMetadata { key: full.clone() })?;
             if v == 0 {
-                return Err(ModelError::BadMetadata { key: full, reason: "must be greater than zero" });
+                return Err(ModelError::BadMetadata {
+                    key: full,
+                    reason: "must be greater than zero",
+                });
             }
             Ok(v as usize)
         };
         let n_embd = req("embedding_length")?;
         let n_head = req("attention.head_count")?;
-        let n_head_kv = g.get_u32(&key("attention.head_count_kv")).map_or(n_head, |v| v as usize);
+        let n_head_kv = g
+            .get_u32(&key("attention.head_count_kv"))
+            .map_or(n_head, |v| v as usize);
         if n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(ModelError::BadMetadata {
                 key: key("attention.head_count_kv"),
@@ -117,9 +127,14 @@ impl Config {
             }
         }
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(ModelError::BadMetadata { key: key("attention.key_length"), reason: "must be even and non-zero" });
+            return Err(ModelError::BadMetadata {
+                key: key("attention.key_length"),
+                reason: "must be even and non-zero",
+            });
         }
-        let n_rot = g.get_u32(&key("rope.dimension_count")).map_or(head_dim, |v| v as usize);
+        let n_rot = g
+            .get_u32(&key("rope.dimension_count"))
+            .map_or(head_dim, |v| v as usize);
         if n_rot > head_dim || n_rot % 2 != 0 {
             return Err(ModelError::BadMetadata {
                 key: key("rope.dimension_count"),
@@ -131,29 +146,51 @@ impl Config {
             Some("linear") => {
                 let factor = g.get_f32(&key("rope.scaling.factor")).unwrap_or(1.0);
                 if factor <= 0.0 {
-                    return Err(ModelError::BadMetadata { key: key("rope.scaling.factor"), reason: "must be positive" });
+                    return Err(ModelError::BadMetadata {
+                        key: key("rope.scaling.factor"),
+                        reason: "must be positive",
+                    });
                 }
                 1.0 / factor
             }
             Some(other) => return Err(ModelError::UnsupportedRopeScaling(other.into())),
         };
-        let norm_eps = g
-            .get_f32(&key("attention.layer_norm_rms_epsilon"))
-            .ok_or(ModelError::MissingMetadata { key: key("attention.layer_norm_rms_epsilon") })?;
+        let norm_eps = g.get_f32(&key("attention.layer_norm_rms_epsilon")).ok_or(
+            ModelError::MissingMetadata {
+                key: key("attention.layer_norm_rms_epsilon"),
+            },
+        )?;
 
         let n_vocab = match g.get_u32(&key("vocab_size")) {
             Some(v) => v as usize,
-            None => g.get_array("tokenizer.ggml.tokens").map(|a| a.len()).ok_or(ModelError::MissingMetadata {
-                key: "tokenizer.ggml.tokens".into(),
-            })?,
+            None => g
+                .get_array("tokenizer.ggml.tokens")
+                .map(|a| a.len())
+                .ok_or(ModelError::MissingMetadata {
+                    key: "tokenizer.ggml.tokens".into(),
+                })?,
         };
 
         let (rope_pairing, ffn_activation, embd_scale, sliding_window, default_base) = match arch {
-            Arch::Llama => (RopePairing::Adjacent, FfnActivation::Silu, None, None, 10_000.0),
+            Arch::Llama => (
+                RopePairing::Adjacent,
+                FfnActivation::Silu,
+                None,
+                None,
+                10_000.0,
+            ),
             Arch::Qwen2 => (RopePairing::Neox, FfnActivation::Silu, None, None, 10_000.0),
             Arch::Gemma3 => {
-                let window = g.get_u32(&key("attention.sliding_window")).map(|w| (w as usize, 10_000.0));
-                (RopePairing::Neox, FfnActivation::GeluTanh, Some(libm::sqrtf(n_embd as f32)), window, 1_000_000.0)
+                let window = g
+                    .get_u32(&key("attention.sliding_window"))
+                    .map(|w| (w as usize, 10_000.0));
+                (
+                    RopePairing::Neox,
+                    FfnActivation::GeluTanh,
+                    Some(libm::sqrtf(n_embd as f32)),
+                    window,
+                    1_000_000.0,
+                )
             }
         };
 
@@ -176,7 +213,9 @@ impl Config {
             embd_scale,
             ffn_activation,
             attn_scale: 1.0 / libm::sqrtf(head_dim as f32),
-            final_logit_softcap: g.get_f32(&key("final_logit_softcapping")).filter(|&c| c > 0.0),
+            final_logit_softcap: g
+                .get_f32(&key("final_logit_softcapping"))
+                .filter(|&c| c > 0.0),
         })
     }
 

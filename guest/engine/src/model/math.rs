@@ -131,7 +131,9 @@ mod tests {
         assert!((adj[0] - libm::cosf(1.0)).abs() < 1e-6 && (adj[1] - libm::sinf(1.0)).abs() < 1e-6);
         let mut neox = [1.0, 1.0, 0.0, 0.0];
         rope(&mut neox, 4, 1, 10000.0, 1.0, RopePairing::Neox, None);
-        assert!((neox[0] - libm::cosf(1.0)).abs() < 1e-6 && (neox[2] - libm::sinf(1.0)).abs() < 1e-6);
+        assert!(
+            (neox[0] - libm::cosf(1.0)).abs() < 1e-6 && (neox[2] - libm::sinf(1.0)).abs() < 1e-6
+        );
         // Pair 1 rotates by base^(-2/4) = 0.01 radians.
         assert!((neox[3] - libm::sinf(0.01)).abs() < 1e-6);
         // Position 0 is the identity.

@@ -27,18 +27,36 @@ use crate::tokenizer::{Tokenizer, TokenizerError};
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelError {
     UnsupportedArchitecture(String),
-    MissingMetadata { key: String },
-    BadMetadata { key: String, reason: &'static str },
+    MissingMetadata {
+        key: String,
+    },
+    BadMetadata {
+        key: String,
+        reason: &'static str,
+    },
     UnsupportedRopeScaling(String),
     MissingTensor(String),
-    TensorShape { name: String, expected: [u64; 2], found: [u64; 2] },
+    TensorShape {
+        name: String,
+        expected: [u64; 2],
+        found: [u64; 2],
+    },
     Tokenizer(TokenizerError),
-    TokenOutOfRange { token: u32, n_vocab: usize },
+    TokenOutOfRange {
+        token: u32,
+        n_vocab: usize,
+    },
     /// The request needs more context than the session was created with.
-    ContextFull { needed: usize, n_ctx: usize },
+    ContextFull {
+        needed: usize,
+        n_ctx: usize,
+    },
     EmptyPrompt,
     /// More workers than the session reserved scratch memory for.
-    TooManyWorkers { workers: usize, max: usize },
+    TooManyWorkers {
+        workers: usize,
+        max: usize,
+    },
 }
 
 impl fmt::Display for ModelError {
@@ -101,7 +119,12 @@ impl<'a> Model<'a> {
             });
         }
         let name = gguf.get_str("general.name").unwrap_or(config.arch.name());
-        Ok(Model { config, weights, tokenizer, name })
+        Ok(Model {
+            config,
+            weights,
+            tokenizer,
+            name,
+        })
     }
 }
 
@@ -119,7 +142,11 @@ pub struct SessionLimits {
 impl SessionLimits {
     /// Defaults: 4096 positions (or the model's own context if smaller), batches of 32.
     pub fn for_model(config: &Config, max_workers: usize) -> Self {
-        SessionLimits { n_ctx: config.n_ctx_train.min(4096), max_batch: 32, max_workers: max_workers.max(1) }
+        SessionLimits {
+            n_ctx: config.n_ctx_train.min(4096),
+            max_batch: 32,
+            max_workers: max_workers.max(1),
+        }
     }
 }
 
@@ -165,7 +192,11 @@ impl QuantizedInput {
         let row = ty.row_bytes(n).unwrap_or(0);
         if self.ty != Some(ty) {
             for t in 0..b {
-                kernels.quantize_row(ty, &x[t * n..(t + 1) * n], &mut self.buf[t * row..(t + 1) * row]);
+                kernels.quantize_row(
+                    ty,
+                    &x[t * n..(t + 1) * n],
+                    &mut self.buf[t * row..(t + 1) * row],
+                );
             }
             self.ty = Some(ty);
         }
@@ -177,7 +208,17 @@ impl Session {
     fn matrices<'m>(w: &'m Weights<'_>) -> impl Iterator<Item = &'m Matrix<'m>> {
         w.layers
             .iter()
-            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down])
+            .flat_map(|l| {
+                [
+                    &l.wq,
+                    &l.wk,
+                    &l.wv,
+                    &l.wo,
+                    &l.ffn_gate,
+                    &l.ffn_up,
+                    &l.ffn_down,
+                ]
+            })
             .chain(core::iter::once(&w.output))
     }
 
@@ -202,7 +243,10 @@ impl Session {
     pub fn new(model: &Model<'_>, limits: SessionLimits, kernels: Kernels) -> Self {
         let c = &model.config;
         let b = limits.max_batch.max(1);
-        let limits = SessionLimits { max_batch: b, ..limits };
+        let limits = SessionLimits {
+            max_batch: b,
+            ..limits
+        };
         let kv = c.n_layer * limits.n_ctx * c.kv_dim();
         Session {
             limits,
@@ -219,7 +263,10 @@ impl Session {
             proj: vec![0.0; b * c.n_embd],
             gate: vec![0.0; b * c.n_ff],
             up: vec![0.0; b * c.n_ff],
-            input: QuantizedInput { buf: vec![0; b * Self::max_act_row_bytes(model)], ty: None },
+            input: QuantizedInput {
+                buf: vec![0; b * Self::max_act_row_bytes(model)],
+                ty: None,
+            },
             scores: vec![0.0; limits.max_workers * limits.n_ctx],
             chunk_out: vec![0.0; limits.max_workers * MAX_CHUNK_ROWS * b],
             logits: vec![0.0; c.n_vocab],
@@ -248,14 +295,24 @@ impl Session {
     /// How many leading tokens of `context` [`Session::feed_context`] would not
     /// feed again. At least the last token is fed: its logits are the point.
     pub fn reusable_prefix(&self, context: &[u32]) -> usize {
-        let common = self.cached.iter().zip(context).take_while(|(a, b)| a == b).count();
+        let common = self
+            .cached
+            .iter()
+            .zip(context)
+            .take_while(|(a, b)| a == b)
+            .count();
         common.min(context.len().saturating_sub(1))
     }
 
     /// Makes the cache hold exactly `context` and returns its logits, feeding
     /// only what differs from what is already cached: the next turn of a chat,
     /// sent as the whole conversation, costs only its new tokens.
-    pub fn feed_context(&mut self, model: &Model<'_>, context: &[u32], par: &dyn Parallel) -> Result<&[f32], ModelError> {
+    pub fn feed_context(
+        &mut self,
+        model: &Model<'_>,
+        context: &[u32],
+        par: &dyn Parallel,
+    ) -> Result<&[f32], ModelError> {
         if context.is_empty() {
             return Err(ModelError::EmptyPrompt);
         }
@@ -270,16 +327,30 @@ impl Session {
 
     /// Feeds `tokens` (any number: processed in batches) at the current position and
     /// returns the logits after the last one.
-    pub fn forward(&mut self, model: &Model<'_>, tokens: &[u32], par: &dyn Parallel) -> Result<&[f32], ModelError> {
+    pub fn forward(
+        &mut self,
+        model: &Model<'_>,
+        tokens: &[u32],
+        par: &dyn Parallel,
+    ) -> Result<&[f32], ModelError> {
         let needed = self.pos() + tokens.len();
         if needed > self.limits.n_ctx {
-            return Err(ModelError::ContextFull { needed, n_ctx: self.limits.n_ctx });
+            return Err(ModelError::ContextFull {
+                needed,
+                n_ctx: self.limits.n_ctx,
+            });
         }
         if par.n_workers() > self.limits.max_workers {
-            return Err(ModelError::TooManyWorkers { workers: par.n_workers(), max: self.limits.max_workers });
+            return Err(ModelError::TooManyWorkers {
+                workers: par.n_workers(),
+                max: self.limits.max_workers,
+            });
         }
         if let Some(&token) = tokens.iter().find(|&&t| t as usize >= model.config.n_vocab) {
-            return Err(ModelError::TokenOutOfRange { token, n_vocab: model.config.n_vocab });
+            return Err(ModelError::TokenOutOfRange {
+                token,
+                n_vocab: model.config.n_vocab,
+            });
         }
         let batches = tokens.chunks(self.limits.max_batch);
         let n_batches = batches.len();
@@ -295,7 +366,13 @@ impl Session {
         &self.logits
     }
 
-    fn forward_batch(&mut self, model: &Model<'_>, tokens: &[u32], par: &dyn Parallel, want_logits: bool) {
+    fn forward_batch(
+        &mut self,
+        model: &Model<'_>,
+        tokens: &[u32],
+        par: &dyn Parallel,
+        want_logits: bool,
+    ) {
         let c = &model.config;
         let w = &model.weights;
         let b = tokens.len();
@@ -314,7 +391,12 @@ impl Session {
             // Attention block.
             for t in 0..b {
                 let r = t * n_embd..(t + 1) * n_embd;
-                math::rms_norm(&mut self.xb[r.clone()], &self.x[r], &layer.attn_norm, c.norm_eps);
+                math::rms_norm(
+                    &mut self.xb[r.clone()],
+                    &self.x[r],
+                    &layer.attn_norm,
+                    c.norm_eps,
+                );
             }
             self.input.invalidate();
             for (m, out, bias) in [
@@ -322,7 +404,9 @@ impl Session {
                 (&layer.wk, &mut self.k, &layer.bk),
                 (&layer.wv, &mut self.v, &layer.bv),
             ] {
-                let act = self.input.get(&self.kernels, m.ty.act_type(), &self.xb, n_embd, b);
+                let act = self
+                    .input
+                    .get(&self.kernels, m.ty.act_type(), &self.xb, n_embd, b);
                 matmul(&self.kernels, par, m, act, b, out, &mut self.chunk_out);
                 if let Some(bias) = bias {
                     for row in out[..b * m.rows].chunks_exact_mut(m.rows) {
@@ -351,22 +435,46 @@ impl Session {
             let at = layer_base + pos0 * kv_dim;
             self.k_cache[at..at + b * kv_dim].copy_from_slice(&self.k[..b * kv_dim]);
             self.v_cache[at..at + b * kv_dim].copy_from_slice(&self.v[..b * kv_dim]);
-            let window = if c.is_sliding(il) { c.sliding_window.map(|(w, _)| w) } else { None };
+            let window = if c.is_sliding(il) {
+                c.sliding_window.map(|(w, _)| w)
+            } else {
+                None
+            };
             self.attention(c, layer_base, pos0, b, window, par);
 
             self.input.invalidate();
-            let act = self.input.get(&self.kernels, layer.wo.ty.act_type(), &self.att, q_dim, b);
-            matmul(&self.kernels, par, &layer.wo, act, b, &mut self.proj, &mut self.chunk_out);
+            let act = self
+                .input
+                .get(&self.kernels, layer.wo.ty.act_type(), &self.att, q_dim, b);
+            matmul(
+                &self.kernels,
+                par,
+                &layer.wo,
+                act,
+                b,
+                &mut self.proj,
+                &mut self.chunk_out,
+            );
             self.add_residual(&layer.post_attn_norm, c.norm_eps, n_embd, b);
 
             // Feed-forward block.
             for t in 0..b {
                 let r = t * n_embd..(t + 1) * n_embd;
-                math::rms_norm(&mut self.xb[r.clone()], &self.x[r], &layer.ffn_norm, c.norm_eps);
+                math::rms_norm(
+                    &mut self.xb[r.clone()],
+                    &self.x[r],
+                    &layer.ffn_norm,
+                    c.norm_eps,
+                );
             }
             self.input.invalidate();
-            for (m, out) in [(&layer.ffn_gate, &mut self.gate), (&layer.ffn_up, &mut self.up)] {
-                let act = self.input.get(&self.kernels, m.ty.act_type(), &self.xb, n_embd, b);
+            for (m, out) in [
+                (&layer.ffn_gate, &mut self.gate),
+                (&layer.ffn_up, &mut self.up),
+            ] {
+                let act = self
+                    .input
+                    .get(&self.kernels, m.ty.act_type(), &self.xb, n_embd, b);
                 matmul(&self.kernels, par, m, act, b, out, &mut self.chunk_out);
             }
             let n_ff = c.n_ff;
@@ -377,18 +485,44 @@ impl Session {
                 } * u;
             }
             self.input.invalidate();
-            let act = self.input.get(&self.kernels, layer.ffn_down.ty.act_type(), &self.gate, n_ff, b);
-            matmul(&self.kernels, par, &layer.ffn_down, act, b, &mut self.proj, &mut self.chunk_out);
+            let act = self.input.get(
+                &self.kernels,
+                layer.ffn_down.ty.act_type(),
+                &self.gate,
+                n_ff,
+                b,
+            );
+            matmul(
+                &self.kernels,
+                par,
+                &layer.ffn_down,
+                act,
+                b,
+                &mut self.proj,
+                &mut self.chunk_out,
+            );
             self.add_residual(&layer.post_ffn_norm, c.norm_eps, n_embd, b);
         }
         if want_logits {
             let last = &self.x[(b - 1) * n_embd..b * n_embd];
             math::rms_norm(&mut self.xb[..n_embd], last, &w.output_norm, c.norm_eps);
             self.input.invalidate();
-            let act = self.input.get(&self.kernels, w.output.ty.act_type(), &self.xb, n_embd, 1);
-            matmul(&self.kernels, par, &w.output, act, 1, &mut self.logits, &mut self.chunk_out);
+            let act = self
+                .input
+                .get(&self.kernels, w.output.ty.act_type(), &self.xb, n_embd, 1);
+            matmul(
+                &self.kernels,
+                par,
+                &w.output,
+                act,
+                1,
+                &mut self.logits,
+                &mut self.chunk_out,
+            );
             if let Some(cap) = c.final_logit_softcap {
-                self.logits.iter_mut().for_each(|l| *l = cap * libm::tanhf(*l / cap));
+                self.logits
+                    .iter_mut()
+                    .for_each(|l| *l = cap * libm::tanhf(*l / cap));
             }
         }
     }
@@ -400,7 +534,10 @@ impl Session {
             if let Some(norm) = post_norm {
                 math::rms_norm_inplace(proj, norm, eps);
             }
-            self.x[t * n_embd..(t + 1) * n_embd].iter_mut().zip(proj.iter()).for_each(|(x, p)| *x += p);
+            self.x[t * n_embd..(t + 1) * n_embd]
+                .iter_mut()
+                .zip(proj.iter())
+                .for_each(|(x, p)| *x += p);
         }
     }
 
@@ -475,7 +612,9 @@ fn matmul(
             } else {
                 let n = r.len();
                 // SAFETY: each worker uses only its own scratch block.
-                let tmp = unsafe { scratch.range(worker * MAX_CHUNK_ROWS * b..(worker * MAX_CHUNK_ROWS + n) * b) };
+                let tmp = unsafe {
+                    scratch.range(worker * MAX_CHUNK_ROWS * b..(worker * MAX_CHUNK_ROWS + n) * b)
+                };
                 kernels.matmul(w.ty, w.cols, wrows, act, b, tmp, n);
                 for t in 0..b {
                     // SAFETY: rows r of token t belong to this chunk only.

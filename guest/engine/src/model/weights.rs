@@ -87,13 +87,14 @@ impl<'a> Weights<'a> {
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let n = |s: &str| alloc::format!("blk.{i}.{s}");
-            let required_if = |cond: bool, name: String, len: usize| -> Result<Option<Vec<f32>>, ModelError> {
-                if cond {
-                    vector(name, len).map(Some)
-                } else {
-                    opt_vector(name, len)
-                }
-            };
+            let required_if =
+                |cond: bool, name: String, len: usize| -> Result<Option<Vec<f32>>, ModelError> {
+                    if cond {
+                        vector(name, len).map(Some)
+                    } else {
+                        opt_vector(name, len)
+                    }
+                };
             layers.push(Layer {
                 attn_norm: vector(n("attn_norm.weight"), c.n_embd)?,
                 wq: matrix(n("attn_q.weight"), c.n_embd, c.q_dim())?,
@@ -128,7 +129,12 @@ impl<'a> Weights<'a> {
         let layer_bytes: usize = self
             .layers
             .iter()
-            .map(|l| [l.wq, l.wk, l.wv, l.wo, l.ffn_gate, l.ffn_up, l.ffn_down].iter().map(|m| m.data.len()).sum::<usize>())
+            .map(|l| {
+                [l.wq, l.wk, l.wv, l.wo, l.ffn_gate, l.ffn_up, l.ffn_down]
+                    .iter()
+                    .map(|m| m.data.len())
+                    .sum::<usize>()
+            })
             .sum();
         layer_bytes + self.output.data.len()
     }
@@ -143,7 +149,12 @@ fn as_matrix<'a>(t: &TensorInfo<'a>, cols: usize, rows: usize) -> Result<Matrix<
             found: [t.dims[0], t.dims[1..].iter().product()],
         });
     }
-    Ok(Matrix { ty: t.ty, rows, cols, data: t.data })
+    Ok(Matrix {
+        ty: t.ty,
+        rows,
+        cols,
+        data: t.data,
+    })
 }
 
 fn as_vector(t: &TensorInfo<'_>, len: usize) -> Result<Vec<f32>, ModelError> {
