@@ -21,7 +21,11 @@ def model_path(fx):
     if fx["model"].startswith("gemma3"):
         return subprocess.run([os.path.join(ROOT, "images/fetch-model.sh")], check=True,
                               capture_output=True, text=True).stdout.strip()
-    return os.path.join(ROOT, "tests/fixtures/models", fx["model_file"])
+    committed = os.path.join(ROOT, "tests/fixtures/models", fx["model_file"])
+    if os.path.exists(committed):
+        return committed
+    cache = os.environ.get("AIVMM_CACHE") or os.path.expanduser("~/.cache/aivmm")
+    return os.path.join(cache, "models", fx["model_file"])
 
 
 def main():
