@@ -5,7 +5,9 @@
 //! The hugepage test must run as root (it sets /proc/sys/vm/nr_hugepages and
 //! restores it).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -16,22 +18,6 @@ use aivmm::vstate::memory::{MemoryError, RamBacking};
 use aivmm_guest_abi::{debug, fatal, layout, report, selftest};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| !matches!(value.as_str(), "" | "false" | "0"))
-}
-
-/// Whether KVM tests can run here; panics in CI when they cannot.
-fn kvm_available(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if in_ci() {
-        panic!("{test}: /dev/kvm is missing, and CI is set: partition tests must run in CI");
-    }
-    eprintln!("{test}: SKIPPED: /dev/kvm is missing (set CI=true to make this a failure)");
-    false
-}
 
 fn run(config: PartitionConfig) -> PartitionOutcome {
     partition::run(config, TIMEOUT)
@@ -96,14 +82,14 @@ fn boots_and_exits(vcpus: u32) {
 
 #[test]
 fn boots_with_one_vcpu_prints_and_exits() {
-    if kvm_available("boots_with_one_vcpu_prints_and_exits") {
+    if common::kvm_available("boots_with_one_vcpu_prints_and_exits") {
         boots_and_exits(1);
     }
 }
 
 #[test]
 fn boots_with_two_vcpus_prints_and_exits() {
-    if kvm_available("boots_with_two_vcpus_prints_and_exits") {
+    if common::kvm_available("boots_with_two_vcpus_prints_and_exits") {
         boots_and_exits(2);
     }
 }
@@ -171,14 +157,14 @@ fn selftest_on(vcpus: u32) {
 
 #[test]
 fn selftest_checksum_with_simd_and_heap_on_one_vcpu() {
-    if kvm_available("selftest_checksum_with_simd_and_heap_on_one_vcpu") {
+    if common::kvm_available("selftest_checksum_with_simd_and_heap_on_one_vcpu") {
         selftest_on(1);
     }
 }
 
 #[test]
 fn selftest_checksum_split_across_two_vcpus() {
-    if kvm_available("selftest_checksum_split_across_two_vcpus") {
+    if common::kvm_available("selftest_checksum_split_across_two_vcpus") {
         selftest_on(2);
     }
 }
@@ -191,7 +177,7 @@ fn temporary_model(name: &str, bytes: &[u8]) -> PathBuf {
 
 #[test]
 fn the_model_window_is_readable_and_a_write_is_a_reported_fault() {
-    if !kvm_available("the_model_window_is_readable_and_a_write_is_a_reported_fault") {
+    if !common::kvm_available("the_model_window_is_readable_and_a_write_is_a_reported_fault") {
         return;
     }
     let mut bytes = b"GGUF\x03\0\0\0".to_vec();
@@ -237,7 +223,7 @@ fn the_model_window_is_readable_and_a_write_is_a_reported_fault() {
 
 #[test]
 fn a_faulting_worker_vcpu_is_reported_with_its_rip() {
-    if !kvm_available("a_faulting_worker_vcpu_is_reported_with_its_rip") {
+    if !common::kvm_available("a_faulting_worker_vcpu_is_reported_with_its_rip") {
         return;
     }
     let outcome = run(config(
@@ -269,7 +255,7 @@ fn a_faulting_worker_vcpu_is_reported_with_its_rip() {
 
 #[test]
 fn a_guest_panic_is_reported_as_a_fatal_error_with_its_message() {
-    if !kvm_available("a_guest_panic_is_reported_as_a_fatal_error_with_its_message") {
+    if !common::kvm_available("a_guest_panic_is_reported_as_a_fatal_error_with_its_message") {
         return;
     }
     let outcome = run(config(
@@ -306,7 +292,8 @@ fn a_guest_panic_is_reported_as_a_fatal_error_with_its_message() {
 
 #[test]
 fn a_stuck_partition_is_stopped_at_the_timeout_with_every_vcpu_joined() {
-    if !kvm_available("a_stuck_partition_is_stopped_at_the_timeout_with_every_vcpu_joined") {
+    if !common::kvm_available("a_stuck_partition_is_stopped_at_the_timeout_with_every_vcpu_joined")
+    {
         return;
     }
     // vCPU 0 spins in guest code; vCPU 1 is an idle worker (spinning, then parked).
@@ -380,7 +367,7 @@ fn free_hugepages() -> u64 {
 
 #[test]
 fn hugepage_backed_memory_boots_and_a_shortage_is_a_clear_error() {
-    if !kvm_available("hugepage_backed_memory_boots_and_a_shortage_is_a_clear_error") {
+    if !common::kvm_available("hugepage_backed_memory_boots_and_a_shortage_is_a_clear_error") {
         return;
     }
     let _one_at_a_time = HUGEPAGES
@@ -395,7 +382,7 @@ fn hugepage_backed_memory_boots_and_a_shortage_is_a_clear_error() {
         .unwrap();
     let reservation = match HugepageReservation::set(current + needed) {
         Ok(reservation) => reservation,
-        Err(error) if !in_ci() => {
+        Err(error) if !common::in_ci() => {
             eprintln!("hugepage test: SKIPPED: cannot write {NR_HUGEPAGES} ({error}); run as root");
             return;
         }
@@ -446,7 +433,7 @@ fn hugepage_backed_memory_boots_and_a_shortage_is_a_clear_error() {
 /// check that the numbers are sane).
 #[test]
 fn measures_boot_time_exit_cost_and_first_touch() {
-    if !kvm_available("measures_boot_time_exit_cost_and_first_touch") {
+    if !common::kvm_available("measures_boot_time_exit_cost_and_first_touch") {
         return;
     }
     let touch_bytes = 64 << 20;

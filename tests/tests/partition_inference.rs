@@ -40,22 +40,6 @@ const N_CTX: usize = 512;
 /// already fill it.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| !matches!(value.as_str(), "" | "false" | "0"))
-}
-
-/// Whether KVM tests can run here; panics in CI when they cannot.
-fn kvm_available(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if in_ci() {
-        panic!("{test}: /dev/kvm is missing, and CI is set: partition tests must run in CI");
-    }
-    eprintln!("{test}: SKIPPED: /dev/kvm is missing (set CI=true to make this a failure)");
-    false
-}
-
 #[derive(Deserialize)]
 struct GreedyFixture {
     model: String,
@@ -229,7 +213,7 @@ fn host_greedy(model_path: &Path, prompts: &[&[u32]], max_tokens: usize) -> Vec<
 
 #[test]
 fn gemma_in_partitions_of_one_and_two_vcpus_equals_the_host_engine_and_llama_cpp() {
-    if !kvm_available(
+    if !common::kvm_available(
         "gemma_in_partitions_of_one_and_two_vcpus_equals_the_host_engine_and_llama_cpp",
     ) {
         return;
@@ -300,7 +284,7 @@ fn gemma_in_partitions_of_one_and_two_vcpus_equals_the_host_engine_and_llama_cpp
 
 #[test]
 fn a_chat_through_the_device_reuses_the_cached_conversation() {
-    if !kvm_available("a_chat_through_the_device_reuses_the_cached_conversation") {
+    if !common::kvm_available("a_chat_through_the_device_reuses_the_cached_conversation") {
         return;
     }
     let _one = ONE_AT_A_TIME
@@ -401,12 +385,12 @@ fn tiny_fixtures() -> Vec<(PathBuf, GreedyFixture)> {
 
 #[test]
 fn tiny_models_in_a_partition_equal_the_host_engine_and_llama_cpp() {
-    if !kvm_available("tiny_models_in_a_partition_equal_the_host_engine_and_llama_cpp") {
+    if !common::kvm_available("tiny_models_in_a_partition_equal_the_host_engine_and_llama_cpp") {
         return;
     }
     let fixtures = tiny_fixtures();
     if fixtures.is_empty() {
-        if in_ci() {
+        if common::in_ci() {
             panic!("no tiny model fixtures in tests/fixtures/models");
         }
         eprintln!("tiny_models_in_a_partition_equal_the_host_engine_and_llama_cpp: SKIPPED: no tiny model fixtures");
@@ -509,7 +493,7 @@ fn boot_unchecked(
 
 #[test]
 fn a_model_the_engine_cannot_run_is_reported_by_the_guest() {
-    if !kvm_available("a_model_the_engine_cannot_run_is_reported_by_the_guest") {
+    if !common::kvm_available("a_model_the_engine_cannot_run_is_reported_by_the_guest") {
         return;
     }
     let _one = ONE_AT_A_TIME
@@ -543,7 +527,7 @@ fn a_model_the_engine_cannot_run_is_reported_by_the_guest() {
 
 #[test]
 fn a_guest_fault_while_serving_names_the_vcpu_and_rip() {
-    if !kvm_available("a_guest_fault_while_serving_names_the_vcpu_and_rip") {
+    if !common::kvm_available("a_guest_fault_while_serving_names_the_vcpu_and_rip") {
         return;
     }
     let _one = ONE_AT_A_TIME

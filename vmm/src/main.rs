@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use aivmm::host_engine::{print_summary, HostEngine, HostOptions, MappedModel};
 use aivmm::model_store;
-use aivmm_engine::chat::{ChatTemplate, Message, Role};
+use aivmm_engine::chat::ChatTemplate;
 use aivmm_engine::quant::{Kernels, SimdLevel};
 use aivmm_engine::sampling::SamplerConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -201,18 +201,7 @@ fn cmd_generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     };
     let text = if args.chat {
-        let mut messages = Vec::new();
-        if let Some(s) = &args.system {
-            messages.push(Message {
-                role: Role::System,
-                content: s,
-            });
-        }
-        messages.push(Message {
-            role: Role::User,
-            content: &prompt,
-        });
-        template.render(&messages, true)
+        template.render_turn(args.system.as_deref(), &prompt)
     } else {
         prompt
     };

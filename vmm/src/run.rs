@@ -483,18 +483,7 @@ pub fn cmd_run(args: RunArgs) -> Result<(), RunError> {
     match &args.prompt {
         Some(prompt) => {
             let text = if args.chat {
-                let mut messages = Vec::new();
-                if let Some(system) = &args.system {
-                    messages.push(Message {
-                        role: Role::System,
-                        content: system,
-                    });
-                }
-                messages.push(Message {
-                    role: Role::User,
-                    content: prompt,
-                });
-                template.render(&messages, true)
+                template.render_turn(args.system.as_deref(), prompt)
             } else {
                 prompt.clone()
             };

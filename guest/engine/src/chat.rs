@@ -72,6 +72,22 @@ impl ChatTemplate {
         }
     }
 
+    /// One user turn (after an optional system message), ready for the reply.
+    pub fn render_turn(self, system: Option<&str>, user: &str) -> String {
+        let mut messages = alloc::vec::Vec::with_capacity(2);
+        if let Some(content) = system {
+            messages.push(Message {
+                role: Role::System,
+                content,
+            });
+        }
+        messages.push(Message {
+            role: Role::User,
+            content: user,
+        });
+        self.render(&messages, true)
+    }
+
     /// Renders a conversation (without BOS: the tokenizer adds it) and, with
     /// `add_generation_prompt`, the opening of the assistant's next turn.
     pub fn render(self, messages: &[Message<'_>], add_generation_prompt: bool) -> String {

@@ -53,3 +53,20 @@ impl TestRng {
         (self.next() % n as u64) as usize
     }
 }
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| !matches!(value.as_str(), "" | "false" | "0"))
+}
+
+/// Whether KVM tests can run here: without /dev/kvm they skip with a printed
+/// reason, except under CI (CI set), where that is a failure.
+pub fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if in_ci() {
+        panic!("{test}: /dev/kvm is missing, and CI is set: partition tests must run in CI");
+    }
+    eprintln!("{test}: SKIPPED: /dev/kvm is missing (set CI=true to make this a failure)");
+    false
+}
