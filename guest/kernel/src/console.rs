@@ -5,12 +5,13 @@
 //! handling that write, so a flush costs exactly one VM exit however long the
 //! text is. `println!` flushes once per line.
 
-use aivmm_guest_abi::{console as dev, fatal, virtio_mmio as reg};
+use aivmm_guest_abi::{console as dev, virtio_mmio as reg};
 use core::cell::UnsafeCell;
 use core::fmt::Write;
 use core::sync::atomic::{fence, Ordering};
 
 use crate::sync::SpinLock;
+use crate::virtio_mmio::{self, device_error, read32, write32};
 
 /// Prints one line (formatted like `format!`) and flushes it to the host.
 #[macro_export]
@@ -105,50 +106,10 @@ static CONSOLE: SpinLock<Console> = SpinLock::new(Console {
     buffer: [0; BUFFER_SIZE],
 });
 
-fn read32(mmio: u64, offset: u64) -> u32 {
-    // SAFETY: `mmio` is the console's register page from the boot info; a load
-    // there is a request to the VMM, not a memory access.
-    unsafe { core::ptr::read_volatile((mmio + offset) as *const u32) }
-}
-
-fn write32(mmio: u64, offset: u64, value: u32) {
-    // SAFETY: as in `read32`.
-    unsafe { core::ptr::write_volatile((mmio + offset) as *mut u32, value) }
-}
-
-fn device_error(what: &str) -> ! {
-    crate::platform::fatal(fatal::DEVICE, what)
-}
-
 /// Negotiates the device and sets up the transmit queue (about 20 exits, once).
 pub fn init(mmio: u64) {
     let mut console = CONSOLE.lock();
-    if read32(mmio, reg::MAGIC_VALUE) != reg::MAGIC
-        || read32(mmio, reg::VERSION) != reg::TRANSPORT_VERSION
-        || read32(mmio, reg::DEVICE_ID) != dev::DEVICE_ID
-    {
-        device_error("console: no virtio-mmio version 2 console at the address in the boot info");
-    }
-    write32(mmio, reg::STATUS, 0);
-    write32(mmio, reg::STATUS, reg::STATUS_ACKNOWLEDGE);
-    write32(
-        mmio,
-        reg::STATUS,
-        reg::STATUS_ACKNOWLEDGE | reg::STATUS_DRIVER,
-    );
-    write32(mmio, reg::DEVICE_FEATURES_SEL, 1);
-    let version_1 = 1 << (reg::F_VERSION_1 - 32);
-    if read32(mmio, reg::DEVICE_FEATURES) & version_1 == 0 {
-        device_error("console: the device does not offer VIRTIO_F_VERSION_1");
-    }
-    // Only VIRTIO_F_VERSION_1 is taken; the low feature word stays 0 from the reset.
-    write32(mmio, reg::DRIVER_FEATURES_SEL, 1);
-    write32(mmio, reg::DRIVER_FEATURES, version_1);
-    let features_ok = reg::STATUS_ACKNOWLEDGE | reg::STATUS_DRIVER | reg::STATUS_FEATURES_OK;
-    write32(mmio, reg::STATUS, features_ok);
-    if read32(mmio, reg::STATUS) & reg::STATUS_FEATURES_OK == 0 {
-        device_error("console: the device refused the negotiated features");
-    }
+    virtio_mmio::negotiate(mmio, dev::DEVICE_ID, "console");
 
     write32(mmio, reg::QUEUE_SEL, dev::TRANSMIT_QUEUE as u32);
     if read32(mmio, reg::QUEUE_NUM_MAX) < QUEUE_SIZE as u32 {
@@ -177,7 +138,7 @@ pub fn init(mmio: u64) {
         }
     }
     write32(mmio, reg::QUEUE_READY, 1);
-    write32(mmio, reg::STATUS, features_ok | reg::STATUS_DRIVER_OK);
+    virtio_mmio::driver_ok(mmio);
     console.mmio = mmio;
     console.ready = true;
 }

@@ -8,11 +8,13 @@
 //! one QUEUE_NOTIFY write (an ioeventfd on the host: no return to the VMM).
 
 use aivmm_guest_abi::inference::{self as abi, EventHeader, RequestHeader};
-use aivmm_guest_abi::{fatal, virtio_mmio as reg};
+use aivmm_guest_abi::virtio_mmio as reg;
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{fence, Ordering};
+
+use crate::virtio_mmio::{self, device_error, read32, write32};
 
 const REQUEST_QUEUE_SIZE: u16 = 2;
 const EVENT_QUEUE_SIZE: u16 = abi::EVENT_QUEUE_MAX_SIZE;
@@ -86,21 +88,6 @@ pub struct InferenceDriver {
     notifications: u64,
 }
 
-fn read32(mmio: u64, offset: u64) -> u32 {
-    // SAFETY: `mmio` is the inference device's register page from the boot
-    // info; a load there is a request to the VMM, not a memory access.
-    unsafe { core::ptr::read_volatile((mmio + offset) as *const u32) }
-}
-
-fn write32(mmio: u64, offset: u64, value: u32) {
-    // SAFETY: as in `read32`.
-    unsafe { core::ptr::write_volatile((mmio + offset) as *mut u32, value) }
-}
-
-fn device_error(what: &str) -> ! {
-    crate::platform::fatal(fatal::DEVICE, what)
-}
-
 /// A zeroed, leaked (it lives as long as the partition) allocation of `T`,
 /// whose address the device is given.
 fn leak_zeroed<T>() -> *mut T {
@@ -113,33 +100,7 @@ impl InferenceDriver {
     /// Negotiates the device, sets up both queues and makes the request
     /// buffer available (about 30 exits, once).
     pub fn init(mmio: u64, request_buffer_bytes: usize) -> Self {
-        if read32(mmio, reg::MAGIC_VALUE) != reg::MAGIC
-            || read32(mmio, reg::VERSION) != reg::TRANSPORT_VERSION
-            || read32(mmio, reg::DEVICE_ID) != abi::DEVICE_ID
-        {
-            device_error(
-                "inference: no virtio-mmio version 2 inference device at the address in the boot info",
-            );
-        }
-        write32(mmio, reg::STATUS, 0);
-        write32(mmio, reg::STATUS, reg::STATUS_ACKNOWLEDGE);
-        write32(
-            mmio,
-            reg::STATUS,
-            reg::STATUS_ACKNOWLEDGE | reg::STATUS_DRIVER,
-        );
-        write32(mmio, reg::DEVICE_FEATURES_SEL, 1);
-        let version_1 = 1 << (reg::F_VERSION_1 - 32);
-        if read32(mmio, reg::DEVICE_FEATURES) & version_1 == 0 {
-            device_error("inference: the device does not offer VIRTIO_F_VERSION_1");
-        }
-        write32(mmio, reg::DRIVER_FEATURES_SEL, 1);
-        write32(mmio, reg::DRIVER_FEATURES, version_1);
-        let features_ok = reg::STATUS_ACKNOWLEDGE | reg::STATUS_DRIVER | reg::STATUS_FEATURES_OK;
-        write32(mmio, reg::STATUS, features_ok);
-        if read32(mmio, reg::STATUS) & reg::STATUS_FEATURES_OK == 0 {
-            device_error("inference: the device refused the negotiated features");
-        }
+        virtio_mmio::negotiate(mmio, abi::DEVICE_ID, "inference");
 
         let mut driver = InferenceDriver {
             mmio,
@@ -210,7 +171,7 @@ impl InferenceDriver {
                 );
             }
         }
-        write32(mmio, reg::STATUS, features_ok | reg::STATUS_DRIVER_OK);
+        virtio_mmio::driver_ok(mmio);
         driver.offer_request_buffer();
         driver
     }

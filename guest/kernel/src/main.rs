@@ -24,6 +24,7 @@ mod selftest;
 mod serve;
 mod sync;
 mod time;
+mod virtio_mmio;
 
 use aivmm_guest_abi::{debug, fatal, BootInfo, ABI_VERSION, BOOT_INFO_MAGIC};
 use core::sync::atomic::{AtomicPtr, Ordering};
