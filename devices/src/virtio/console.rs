@@ -148,17 +148,8 @@ impl VirtioDevice for Console {
         abi::DEVICE_ID
     }
 
-    fn features(&self) -> u64 {
-        0
-    }
-
     fn queue_max_sizes(&self) -> &[u16] {
         &self.queue_max_sizes
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        // No size, multiport or emergency-write features: the config space is unused.
-        data.fill(0);
     }
 
     fn process_queue(

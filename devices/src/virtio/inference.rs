@@ -335,16 +335,8 @@ impl VirtioDevice for InferenceDevice {
         abi::DEVICE_ID
     }
 
-    fn features(&self) -> u64 {
-        0
-    }
-
     fn queue_max_sizes(&self) -> &[u16] {
         &self.queue_max_sizes
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
     }
 
     fn process_queue(

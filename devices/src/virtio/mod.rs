@@ -16,11 +16,15 @@ pub trait VirtioDevice: Send {
     /// The virtio device ID (virtio 1.2, section 5).
     fn device_type(&self) -> u32;
     /// Device-specific feature bits offered (VIRTIO_F_VERSION_1 is added by the transport).
-    fn features(&self) -> u64;
+    fn features(&self) -> u64 {
+        0
+    }
     /// Maximum size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
-    /// Reads device configuration space at `offset`.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Reads device configuration space at `offset` (none by default: reads as zero).
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
     /// Handles a notification of queue `index` (the driver made buffers available).
     fn process_queue(
         &mut self,
