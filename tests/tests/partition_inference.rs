@@ -22,7 +22,7 @@ use aivmm::inference::{
 use aivmm::partition::{GuestRequests, InferenceSetup, PartitionConfig, PartitionError};
 use aivmm::run::{prepare, RunArgs, RunError};
 use aivmm_engine::chat::{ChatTemplate, Message, Role};
-use aivmm_engine::generate::StopReason;
+use aivmm_engine::generate::{Flow, StopReason};
 use aivmm_engine::gguf::Gguf;
 use aivmm_engine::model::Model;
 use aivmm_engine::sampling::SamplerConfig;
@@ -108,7 +108,10 @@ fn greedy(prompt: Prompt<'_>, max_tokens: usize) -> GenerationRequest<'_> {
 fn run(partition: &mut InferencePartition, request: &GenerationRequest<'_>) -> Completion {
     let mut streamed = String::new();
     let completion = partition
-        .generate(request, &mut |piece| streamed.push_str(piece))
+        .generate(request, &mut |piece| {
+            streamed.push_str(piece);
+            Flow::Continue
+        })
         .unwrap_or_else(|error| panic!("generation in the partition failed: {error}"));
     assert_eq!(
         streamed, completion.text,
@@ -441,6 +444,52 @@ fn tiny_models_in_a_partition_equal_the_host_engine_and_llama_cpp() {
         check_exits(&fixture.model, &completions.iter().collect::<Vec<_>>());
         exit_cleanly(partition, &completions.iter().collect::<Vec<_>>());
     }
+}
+
+#[test]
+fn a_cancelled_request_stops_early_and_the_next_one_is_unaffected() {
+    let name = "a_cancelled_request_stops_early_and_the_next_one_is_unaffected";
+    if !common::kvm_available(name) {
+        return;
+    }
+    let Some((path, fixture)) = tiny_fixtures().into_iter().next() else {
+        assert!(!common::in_ci(), "no tiny model fixtures in tests/fixtures/models");
+        eprintln!("{name}: SKIPPED: no tiny model fixtures");
+        return;
+    };
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    let case = &fixture.cases[0];
+    let mut partition = boot(&path, 1);
+    // Without stopping at end-of-generation, so only the cancel ends it early.
+    let long = GenerationRequest {
+        stop_at_eog: false,
+        ..greedy(Prompt::Text(&case.prompt), 200)
+    };
+    let mut pieces = 0;
+    let cancelled = partition
+        .generate(&long, &mut |_| {
+            pieces += 1;
+            if pieces >= 3 {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            }
+        })
+        .unwrap_or_else(|error| panic!("the cancelled request failed: {error}"));
+    assert_eq!(cancelled.stop, StopReason::Cancelled);
+    assert!(
+        cancelled.tokens.len() >= 3 && cancelled.tokens.len() < 200,
+        "the guest stopped soon after the cancel: {} tokens",
+        cancelled.tokens.len()
+    );
+    // The cancelled tokens are the start of the same greedy run.
+    let full = run(&mut partition, &greedy(Prompt::Text(&case.prompt), case.tokens.len()));
+    assert_eq!(&full.tokens[..3], &cancelled.tokens[..3]);
+    let host = host_greedy(&path, &[case.prompt_ids.as_slice()], case.tokens.len());
+    assert_eq!(full.tokens, host[0], "the request after a cancel equals the host engine");
+    exit_cleanly(partition, &[&cancelled, &full]);
 }
 
 /// A GGUF file with the given metadata strings and no tensors.

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use aivmm_devices::virtio::inference::InferenceEvent;
-use aivmm_engine::generate::StopReason;
+use aivmm_engine::generate::{Flow, StopReason};
 use aivmm_engine::model::{Model, Session, SessionLimits};
 use aivmm_engine::sampling::SamplerConfig;
 use aivmm_guest_abi::fatal;
@@ -408,11 +408,14 @@ impl InferencePartition {
     }
 
     /// Runs one completion, calling `on_text` with each piece of text as its
-    /// token arrives.
+    /// token arrives. When `on_text` returns [`Flow::Stop`] the guest is told
+    /// to cancel the request: it stops after the token it is working on, and
+    /// the completion ends with [`StopReason::Cancelled`] (pieces that were
+    /// already on their way are still passed to `on_text`).
     pub fn generate(
         &mut self,
         request: &GenerationRequest<'_>,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str) -> Flow,
     ) -> Result<Completion, InferenceError> {
         let request_id = self.next_request_id;
         self.next_request_id += 1;
@@ -468,6 +471,14 @@ impl InferencePartition {
             heap_peak: 0,
         };
         let mut origin_tsc = None;
+        let mut cancel_sent = false;
+        let mut deliver = |text: &str, this: &Self| -> Result<(), InferenceError> {
+            if on_text(text) == Flow::Stop && !cancel_sent {
+                cancel_sent = true;
+                this.send_cancel(request_id)?;
+            }
+            Ok(())
+        };
         let ms_since = |origin: Option<u64>, tsc: u64| match origin {
             Some(origin) => tsc.saturating_sub(origin) as f64 / tsc_khz.max(1) as f64,
             None => 0.0,
@@ -515,7 +526,7 @@ impl InferencePartition {
                     completion.tokens.push(token);
                     completion.token_ms.push(ms_since(origin_tsc, tsc));
                     completion.text.push_str(&text);
-                    on_text(&text);
+                    deliver(&text, self)?;
                 }
                 InferenceEvent::Text {
                     request_id: id,
@@ -523,7 +534,7 @@ impl InferencePartition {
                 } => {
                     check_id(id)?;
                     completion.text.push_str(&text);
-                    on_text(&text);
+                    deliver(&text, self)?;
                 }
                 InferenceEvent::End {
                     request_id: id,
@@ -574,6 +585,21 @@ impl InferencePartition {
             .last()
             .map_or(0.0, |last| last - completion.ttft_ms);
         Ok(completion)
+    }
+
+    /// Tells the guest to stop generating `request_id`.
+    fn send_cancel(&self, request_id: u64) -> Result<(), InferenceError> {
+        let header = RequestHeader {
+            kind: abi::REQUEST_CANCEL,
+            request_id,
+            ..RequestHeader::default()
+        };
+        let running = self.partition.as_ref().ok_or(InferenceError::Ended)?;
+        let link = running
+            .inference()
+            .ok_or_else(|| InferenceError::Protocol("no inference device".into()))?;
+        link.submit(&header, &[])?;
+        Ok(())
     }
 
     /// Asks the guest to exit and waits (at most `timeout`) for the

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aivmm_engine::chat::{ChatTemplate, Message, Role};
+use aivmm_engine::generate::Flow;
 use aivmm_engine::model::Model;
 use aivmm_engine::sampling::SamplerConfig;
 use clap::Parser;
@@ -488,10 +489,11 @@ pub fn cmd_run(args: RunArgs) -> Result<(), RunError> {
                 prompt.clone()
             };
             let completion = partition.generate(&request(Prompt::Text(&text)), &mut |piece| {
-                if !args.json {
-                    let _ = stdout.write_all(piece.as_bytes());
-                    let _ = stdout.flush();
+                // Nobody reads the output any more (a closed pipe): stop.
+                if !args.json && stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+                    return Flow::Stop;
                 }
+                Flow::Continue
             })?;
             let report = run_report(&model, &prepared, &ready, host_prepare, &completion);
             if args.json {
@@ -603,7 +605,9 @@ pub fn chat(
                     .and_then(|()| output.flush())
                 {
                     write_error.get_or_insert(error);
+                    return Flow::Stop;
                 }
+                Flow::Continue
             },
         )?;
         if let Some(error) = write_error {

@@ -401,7 +401,14 @@ pub mod inference {
     /// [`RequestHeader::kind`]: generate after the prompt in the payload.
     pub const REQUEST_GENERATE: u32 = 1;
     /// [`RequestHeader::kind`]: end the partition (the guest writes EXIT 0).
+    /// Sent while a generation runs, it ends that generation first (its end
+    /// event says [`STOP_CANCELLED`]).
     pub const REQUEST_EXIT: u32 = 2;
+    /// [`RequestHeader::kind`]: stop the generation of `request_id` (the
+    /// client went away). The guest polls for it after every token (a memory
+    /// read, no exit) and ends that request with [`STOP_CANCELLED`]; a cancel
+    /// for a request that is not running is ignored.
+    pub const REQUEST_CANCEL: u32 = 3;
 
     /// [`RequestHeader::flags`]: stop at end-of-generation tokens (EOS,
     /// `<end_of_turn>`, ...); without it, generate `max_tokens` (benchmarks).
@@ -416,7 +423,7 @@ pub mod inference {
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq)]
     pub struct RequestHeader {
-        /// [`REQUEST_GENERATE`] or [`REQUEST_EXIT`].
+        /// [`REQUEST_GENERATE`], [`REQUEST_EXIT`] or [`REQUEST_CANCEL`].
         pub kind: u32,
         /// `FLAG_*` bits.
         pub flags: u32,

@@ -120,10 +120,19 @@ pub fn run(info: &'static BootInfo, entry_tsc: u64) -> ! {
     );
     device.notify();
 
+    // A request that arrived while a generation ran (an EXIT), taken next.
+    let mut deferred = None;
     loop {
-        let request = wait_for_request(&mut device);
+        let request = match deferred.take() {
+            Some(request) => request,
+            None => wait_for_request(&mut device),
+        };
         match request.header.kind {
-            abi::REQUEST_GENERATE => serve(&mut device, &model, &mut session, &request),
+            abi::REQUEST_GENERATE => {
+                deferred = serve(&mut device, &model, &mut session, &request)
+            }
+            // The request it names has already ended.
+            abi::REQUEST_CANCEL => {}
             abi::REQUEST_EXIT => {
                 crate::console::flush();
                 platform::exit(0)
@@ -255,12 +264,14 @@ fn stop_code(stop: StopReason) -> u64 {
     }
 }
 
+/// Runs one generation request. Returns a request that arrived while it ran
+/// and must be handled next (a cancel of this one is consumed here).
 fn serve(
     device: &mut InferenceDriver,
     model: &Model<'_>,
     session: &mut Session,
     request: &Request,
-) {
+) -> Option<Request> {
     let received = time::rdtsc();
     let header = request.header;
     let id = header.request_id;
@@ -280,17 +291,17 @@ fn serve(
             abi::ERROR_BAD_REQUEST,
             &format!("invalid sampling parameters: {why}"),
         );
-        return;
+        return None;
     }
     let context = match context_tokens(model, request) {
         Ok(tokens) if tokens.is_empty() => {
             send_error(device, id, abi::ERROR_BAD_REQUEST, "the prompt is empty");
-            return;
+            return None;
         }
         Ok(tokens) => tokens,
         Err(message) => {
             send_error(device, id, abi::ERROR_BAD_REQUEST, &message);
-            return;
+            return None;
         }
     };
     let tokenized = time::rdtsc();
@@ -305,6 +316,7 @@ fn serve(
         stop_at_eog,
     };
     let mut produced = 0usize;
+    let mut arrived = None;
     let notifications_before = device.notifications();
     pool::set_active(true, WORKER_WAKE_WAIT_MICROS);
     let result = generate(model, session, &VcpuPool, &generate_request, &mut |event| {
@@ -348,8 +360,22 @@ fn serve(
                 let last = (stop_at_eog && model.tokenizer.is_end_of_generation(token))
                     || produced >= max_tokens
                     || n_context + produced > n_ctx;
-                if !last {
-                    device.notify();
+                if last {
+                    return Flow::Continue;
+                }
+                device.notify();
+                // The host sends one generation at a time, so what arrives
+                // now is a cancel (of this request, or a stale one of an
+                // ended request) or an exit, which ends this request first.
+                if let Some(next) = device.poll_request() {
+                    match next.header.kind {
+                        abi::REQUEST_CANCEL if next.header.request_id != id => {}
+                        abi::REQUEST_CANCEL => return Flow::Stop,
+                        _ => {
+                            arrived = Some(next);
+                            return Flow::Stop;
+                        }
+                    }
                 }
             }
             Event::Tail { text } => device.push_text_event(
@@ -387,4 +413,5 @@ fn serve(
         Err(error) => send_error(device, id, abi::ERROR_ENGINE, &format!("{error}")),
     }
     pool::set_active(false, 0);
+    arrived
 }
