@@ -374,6 +374,13 @@ impl InferencePartition {
         &self.ready
     }
 
+    /// Whether the guest has ended (exited, faulted or was stopped).
+    pub fn has_ended(&self) -> bool {
+        self.partition
+            .as_ref()
+            .is_none_or(RunningPartition::has_ended)
+    }
+
     fn running(&self) -> Result<&RunningPartition, InferenceError> {
         self.partition.as_ref().ok_or(InferenceError::Ended)
     }

@@ -1,5 +1,6 @@
 //! The aivmm library: everything the `aivmm` binary does, testable from `tests/`.
 
+pub mod daemon;
 pub mod guest_image;
 pub mod host_engine;
 pub mod inference;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use aivmm::host_engine::{print_summary, HostEngine, HostOptions, MappedModel};
+use aivmm::daemon::cli::{self, ClientArgs, CompleteArgs, ModelCommand, PartitionCommand};
 use aivmm::model_store;
 use aivmm_engine::chat::ChatTemplate;
 use aivmm_engine::quant::{Kernels, SimdLevel};
@@ -30,6 +31,40 @@ enum Command {
     /// Run a model in a KVM partition: tokens stream to stdout, a summary to
     /// stderr; without --prompt, an interactive chat.
     Run(aivmm::run::RunArgs),
+    /// The control daemon: partitions, models, completions and telemetry
+    /// over a REST API on a Unix socket (and optionally TCP).
+    Serve(aivmm::daemon::ServeArgs),
+    /// Manage the daemon's partitions.
+    Partition {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: PartitionCommand,
+    },
+    /// The daemon's models: list, register, swap into a partition.
+    Model {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Run a completion in one of the daemon's partitions, streaming the text.
+    Complete {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: CompleteArgs,
+    },
+    /// Per-partition telemetry from the daemon.
+    Stats {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Is the daemon up, and which version is it.
+    Health {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -125,6 +160,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => cmd_generate(args),
         Command::Run(args) => aivmm::run::cmd_run(args).map_err(Into::into),
+        Command::Serve(args) => aivmm::daemon::cmd_serve(args).map_err(Into::into),
+        Command::Partition { client, command } => cli::partition(&client, &command).map_err(Into::into),
+        Command::Model { client, command } => cli::model(&client, &command).map_err(Into::into),
+        Command::Complete { client, args } => cli::complete(&client, &args).map_err(Into::into),
+        Command::Stats { client } => cli::stats(&client).map_err(Into::into),
+        Command::Health { client } => cli::health(&client).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,8 +25,8 @@ use crate::vstate::memory::RamBacking;
 
 /// How long the guest may take to load and warm up (the 1 GiB-per-3-s first
 /// touch cost of nested KVM, for the largest models we expect, and then some).
-const READY_TIMEOUT: Duration = Duration::from_secs(600);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "run")]
@@ -215,7 +215,7 @@ pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, String> {
 }
 
 /// CPUs this process may run on.
-fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain bits (zero is the empty set); the kernel
     // writes at most size_of::<cpu_set_t>() bytes into it.
     let set = unsafe {
@@ -231,7 +231,7 @@ fn allowed_cpus() -> std::io::Result<Vec<usize>> {
         .collect())
 }
 
-fn online_cpus() -> Option<Vec<usize>> {
+pub fn online_cpus() -> Option<Vec<usize>> {
     let text = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
     parse_cpu_list(text.trim()).ok()
 }

@@ -1,0 +1,209 @@
+//! `aivmm serve`: the control daemon. The HTTP server (`aivmm_api::server`)
+//! runs on a tokio runtime and hands typed requests over a channel to the
+//! partition manager's thread ([`manager`]), which owns every partition
+//! through one worker thread each ([`worker`]).
+
+pub mod cli;
+pub mod manager;
+pub mod metrics;
+pub mod models;
+pub mod stop_strings;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use aivmm_api::server::{self, ServerOptions};
+use aivmm_api::socket::{self, SocketError};
+use aivmm_api::types::Version;
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Unix socket of the API (created 0600; a stale one is replaced).
+    #[arg(long, default_value = "/run/aivmm.sock")]
+    pub api_sock: PathBuf,
+    /// Also serve the API on this TCP address (e.g. 127.0.0.1:8080); needs --token-file.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token TCP clients must send.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Directory whose *.gguf files are offered as models, by file name
+    /// (default: the model cache, ~/.cache/aivmm/models).
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// A model to offer: NAME=PATH (repeatable).
+    #[arg(long = "model", value_parser = parse_named_model)]
+    pub models: Vec<(String, PathBuf)>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+}
+
+fn parse_named_model(text: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: write NAME=PATH"))?;
+    aivmm_api::types::validate_model_name(name)?;
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("/dev/kvm not found: the daemon runs partitions on KVM; load kvm_intel or kvm_amd")]
+    NoKvm,
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("--listen needs --token-file: TCP clients must authenticate with a bearer token")]
+    ListenWithoutToken,
+    #[error("cannot read the token file {path}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the token in {0} is shorter than 16 characters: put a longer secret in it")]
+    WeakToken(PathBuf),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the daemon's runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot start the partition manager")]
+    Manager(#[source] std::io::Error),
+}
+
+fn read_token(path: &Path) -> Result<String, ServeError> {
+    let token = std::fs::read_to_string(path).map_err(|source| ServeError::TokenFile {
+        path: path.into(),
+        source,
+    })?;
+    let token = token.trim().to_string();
+    if token.len() < 16 {
+        return Err(ServeError::WeakToken(path.into()));
+    }
+    Ok(token)
+}
+
+fn default_model_dir() -> Option<PathBuf> {
+    let cache = std::env::var_os("AIVMM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/aivmm")))?;
+    Some(cache.join("models"))
+}
+
+/// Runs the daemon until SIGINT or SIGTERM; then stops every partition.
+pub fn cmd_serve(args: ServeArgs) -> Result<(), ServeError> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err(ServeError::NoKvm);
+    }
+    let token = match (&args.listen, &args.token_file) {
+        (Some(_), None) => return Err(ServeError::ListenWithoutToken),
+        (_, Some(path)) => Some(read_token(path)?),
+        (None, None) => None,
+    };
+    let api_socket = socket::bind(&args.api_sock)?;
+    let model_dir = args.model_dir.clone().or_else(default_model_dir);
+    let registry = models::ModelRegistry::new(model_dir.as_deref(), &args.models);
+
+    let (requests, inbox) = tokio::sync::mpsc::unbounded_channel();
+    let manager = manager::Manager::new(registry);
+    let manager_thread = std::thread::Builder::new()
+        .name("partition-manager".into())
+        .spawn(move || manager.run(inbox))
+        .map_err(ServeError::Manager)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("api")
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let options = ServerOptions {
+        max_body_bytes: args.max_body_bytes,
+        ..ServerOptions::default()
+    };
+    let version = Version {
+        version: env!("CARGO_PKG_VERSION").into(),
+        api_version: aivmm_api::API_VERSION.into(),
+        guest_abi: aivmm_guest_abi::ABI_VERSION,
+    };
+    let result = runtime.block_on(async {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        api_socket
+            .listener
+            .set_nonblocking(true)
+            .map_err(ServeError::Runtime)?;
+        let unix = std::sync::Arc::new(
+            tokio::net::UnixListener::from_std(
+                api_socket.listener.try_clone().map_err(ServeError::Runtime)?,
+            )
+            .map_err(ServeError::Runtime)?,
+        );
+        let app = server::router(requests.clone(), version.clone(), options.clone(), None);
+        let mut servers = Vec::new();
+        servers.push(tokio::spawn(server::serve(
+            move || {
+                let unix = unix.clone();
+                async move { unix.accept().await.map(|(stream, _)| stream) }
+            },
+            app,
+            options.clone(),
+            stopped.clone(),
+        )));
+        if let Some(addr) = args.listen {
+            let tcp = std::sync::Arc::new(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Listen { addr, source })?,
+            );
+            let app = server::router(requests.clone(), version.clone(), options.clone(), token);
+            servers.push(tokio::spawn(server::serve(
+                move || {
+                    let tcp = tcp.clone();
+                    async move {
+                        let (stream, _) = tcp.accept().await?;
+                        let _ = stream.set_nodelay(true);
+                        Ok(stream)
+                    }
+                },
+                app,
+                options.clone(),
+                stopped.clone(),
+            )));
+            eprintln!("aivmm serve: API on tcp://{addr} (bearer token required)");
+        }
+        eprintln!("aivmm serve: API on {}", api_socket.path().display());
+        wait_for_signal().await;
+        eprintln!("aivmm serve: stopping partitions");
+        let _ = stop.send(true);
+        for server in servers {
+            let _ = server.await;
+        }
+        Ok::<(), ServeError>(())
+    });
+    // In-flight connections end with the runtime; the manager stops every
+    // partition once the last sender is gone.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    drop(requests);
+    let _ = manager_thread.join();
+    drop(api_socket);
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the daemon runs until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,584 @@
+//! One partition in the daemon: a thread that owns the running partition
+//! and takes, in order, its lifecycle requests and its completions (one
+//! queue per partition, first come first served). A model swap boots the
+//! new partition on another thread while this one keeps serving, and
+//! switches between two completions once the new one is ready.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use aivmm_api::request::{
+    ChatRole, CompletionJob, Prompt as ApiPrompt, Reply, StreamEvent,
+};
+use aivmm_api::types::{
+    CompletionResult, FinishReason, ModelInfo, PartitionInfo, PartitionSpec, PartitionState,
+};
+use aivmm_api::{ApiError, ErrorCode};
+use aivmm_engine::chat::{ChatTemplate, Message, Role};
+use aivmm_engine::generate::{Flow, StopReason};
+use aivmm_engine::sampling::SamplerConfig;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::metrics::{CompletionRecord, Outcome, PartitionMetrics};
+use super::stop_strings::StopStrings;
+use crate::host_engine::MappedModel;
+use crate::inference::{plan_memory, GenerationRequest, InferenceError, InferencePartition, Prompt};
+use crate::partition::{InferenceSetup, PartitionConfig};
+use crate::run::{EXIT_TIMEOUT, READY_TIMEOUT};
+use crate::vstate::memory::RamBacking;
+
+/// Tokens per forward pass while a prompt is processed.
+const PROMPT_BATCH: usize = 32;
+
+/// Everything needed to boot (and reboot) a partition for one model.
+#[derive(Debug, Clone)]
+pub struct BootPlan {
+    pub model: ModelInfo,
+    pub vcpus: u32,
+    pub host_cpus: Vec<usize>,
+    pub memory_bytes: u64,
+    pub hugepages: bool,
+    pub setup: InferenceSetup,
+    pub template: ChatTemplate,
+}
+
+/// Sizes a partition for `model` on the host (the model is mapped and
+/// loaded here, so a model the engine cannot run is refused before boot).
+pub fn plan(
+    model: ModelInfo,
+    host_cpus: Vec<usize>,
+    memory_mib: Option<u64>,
+    hugepages: bool,
+    context_length: Option<u32>,
+) -> Result<BootPlan, ApiError> {
+    let invalid = |param: &str, error: &dyn std::fmt::Display| ApiError::invalid(param, error.to_string());
+    let path = std::path::Path::new(&model.path);
+    let mapped = MappedModel::open(path).map_err(|e| invalid("model", &e))?;
+    let gguf = mapped.parse().map_err(|e| invalid("model", &e))?;
+    let loaded = mapped.load(&gguf).map_err(|e| invalid("model", &e))?;
+    let vcpus = host_cpus.len() as u32;
+    let memory_plan = plan_memory(
+        &loaded,
+        context_length.unwrap_or(0) as usize,
+        PROMPT_BATCH,
+        vcpus,
+    )
+    .map_err(|e| match e {
+        InferenceError::ContextSize { .. } => invalid("context_length", &e),
+        _ => invalid("model", &e),
+    })?;
+    let memory_bytes = memory_plan
+        .memory_bytes(memory_mib.map(|mib| mib << 20))
+        .map_err(|e| invalid("memory_mib", &e))?;
+    Ok(BootPlan {
+        template: ChatTemplate::for_model(&gguf, loaded.config.arch),
+        model,
+        vcpus,
+        host_cpus,
+        memory_bytes,
+        hugepages,
+        setup: memory_plan.setup(),
+    })
+}
+
+fn boot(plan: &BootPlan) -> Result<InferencePartition, String> {
+    let config = PartitionConfig {
+        vcpus: plan.vcpus,
+        memory_bytes: plan.memory_bytes,
+        backing: if plan.hugepages {
+            RamBacking::Hugepages
+        } else {
+            RamBacking::Anonymous
+        },
+        host_cpus: Some(plan.host_cpus.clone()),
+        stack_bytes: crate::inference::STACK_BYTES,
+        model: Some(plan.model.path.clone().into()),
+        console_forward: None,
+        console_capture_limit: 1 << 16,
+        guest_requests: Default::default(),
+        inference: Some(plan.setup),
+    };
+    InferencePartition::start(config, READY_TIMEOUT).map_err(|error| error.to_string())
+}
+
+/// What the API sees of a partition (the worker writes it).
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub state: PartitionState,
+    pub plan: BootPlan,
+    pub running_since: Option<Instant>,
+    pub error: Option<String>,
+    pub swapping_to: Option<String>,
+}
+
+/// Shared between the worker and the manager.
+pub struct Shared {
+    pub id: String,
+    pub spec: PartitionSpec,
+    status: Mutex<Status>,
+    pub metrics: PartitionMetrics,
+    /// Ends the running completion and fails queued ones (stop, delete).
+    pub interrupt: AtomicBool,
+}
+
+impl Shared {
+    pub fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    pub fn info(&self) -> PartitionInfo {
+        let status = self.status().clone();
+        let snapshot = self.metrics.snapshot();
+        PartitionInfo {
+            id: self.id.clone(),
+            state: status.state,
+            spec: self.spec.clone(),
+            model: status.plan.model.name.clone(),
+            model_path: status.plan.model.path.clone(),
+            vcpus: status.plan.vcpus,
+            host_cpus: status.plan.host_cpus.clone(),
+            numa_node: self.spec.numa_node,
+            memory_mib: status.plan.memory_bytes >> 20,
+            hugepages: status.plan.hugepages,
+            context_length: status.plan.setup.n_ctx,
+            uptime_secs: status.running_since.map(|t| t.elapsed().as_secs_f64()),
+            error: status.error,
+            swapping_to: status.swapping_to,
+            counters: snapshot.counters,
+        }
+    }
+}
+
+pub enum WorkerMessage {
+    Start(Option<Reply<PartitionInfo>>),
+    Stop(Reply<PartitionInfo>),
+    Restart(Reply<PartitionInfo>),
+    Swap(Box<BootPlan>, Reply<PartitionInfo>),
+    /// From the swap's boot thread.
+    SwapReady(
+        Box<BootPlan>,
+        Result<InferencePartition, String>,
+        Reply<PartitionInfo>,
+    ),
+    Complete(Box<CompletionJob>, UnboundedSender<StreamEvent>),
+    /// Stop and end the worker.
+    Delete(Reply<()>),
+}
+
+pub struct Worker {
+    shared: Arc<Shared>,
+    running: Option<InferencePartition>,
+    inbox: Receiver<WorkerMessage>,
+    outbox: Sender<WorkerMessage>,
+}
+
+impl Worker {
+    pub fn new(
+        id: String,
+        spec: PartitionSpec,
+        plan: BootPlan,
+        inbox: Receiver<WorkerMessage>,
+        outbox: Sender<WorkerMessage>,
+    ) -> (Worker, Arc<Shared>) {
+        let shared = Arc::new(Shared {
+            id,
+            spec,
+            status: Mutex::new(Status {
+                state: PartitionState::Stopped,
+                plan,
+                running_since: None,
+                error: None,
+                swapping_to: None,
+            }),
+            metrics: PartitionMetrics::default(),
+            interrupt: AtomicBool::new(false),
+        });
+        let worker = Worker {
+            shared: shared.clone(),
+            running: None,
+            inbox,
+            outbox,
+        };
+        (worker, shared)
+    }
+
+    /// Takes messages until the partition is deleted (or the manager goes).
+    pub fn run(mut self) {
+        while let Ok(message) = self.inbox.recv() {
+            match message {
+                WorkerMessage::Start(reply) => {
+                    let result = self.start().map(|()| self.shared.info());
+                    if let Some(reply) = reply {
+                        let _ = reply.send(result);
+                    }
+                }
+                WorkerMessage::Stop(reply) => {
+                    self.stop();
+                    let _ = reply.send(Ok(self.shared.info()));
+                }
+                WorkerMessage::Restart(reply) => {
+                    self.stop();
+                    let result = self.start().map(|()| self.shared.info());
+                    let _ = reply.send(result);
+                }
+                WorkerMessage::Swap(plan, reply) => self.begin_swap(*plan, reply),
+                WorkerMessage::SwapReady(plan, result, reply) => {
+                    let _ = reply.send(self.finish_swap(*plan, result));
+                }
+                WorkerMessage::Complete(job, events) => {
+                    self.complete(&job, &events);
+                    self.shared.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                }
+                WorkerMessage::Delete(reply) => {
+                    self.stop();
+                    // Completions still queued behind the delete end too.
+                    while let Ok(message) = self.inbox.try_recv() {
+                        self.refuse(message);
+                    }
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+            }
+        }
+        self.stop();
+    }
+
+    /// Answers a message that arrived after the delete.
+    fn refuse(&self, message: WorkerMessage) {
+        let gone = || {
+            ApiError::new(
+                ErrorCode::PartitionGone,
+                format!("partition {} was deleted", self.shared.id),
+            )
+        };
+        match message {
+            WorkerMessage::Start(Some(reply))
+            | WorkerMessage::Stop(reply)
+            | WorkerMessage::Restart(reply)
+            | WorkerMessage::Swap(_, reply)
+            | WorkerMessage::SwapReady(_, _, reply) => {
+                let _ = reply.send(Err(gone()));
+            }
+            WorkerMessage::Complete(_, events) => {
+                let _ = events.send(StreamEvent::Error(gone()));
+                self.shared.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            }
+            WorkerMessage::Delete(reply) => {
+                let _ = reply.send(Ok(()));
+            }
+            WorkerMessage::Start(None) => {}
+        }
+    }
+
+    fn set_state(&self, state: PartitionState) {
+        self.shared.status().state = state;
+    }
+
+    fn start(&mut self) -> Result<(), ApiError> {
+        self.shared.interrupt.store(false, Ordering::SeqCst);
+        if self.running.as_ref().is_some_and(|p| !p.has_ended()) {
+            return Ok(());
+        }
+        let plan = {
+            let mut status = self.shared.status();
+            status.state = PartitionState::Starting;
+            status.error = None;
+            status.plan.clone()
+        };
+        match boot(&plan) {
+            Ok(partition) => {
+                self.shared
+                    .metrics
+                    .guest_memory_bytes
+                    .store(plan.memory_bytes, Ordering::Relaxed);
+                self.shared.metrics.record_boot();
+                self.running = Some(partition);
+                let mut status = self.shared.status();
+                status.state = PartitionState::Running;
+                status.running_since = Some(Instant::now());
+                Ok(())
+            }
+            Err(why) => {
+                let message = format!("partition {} did not boot: {why}", self.shared.id);
+                let mut status = self.shared.status();
+                status.state = PartitionState::Failed;
+                status.error = Some(message.clone());
+                Err(ApiError::new(ErrorCode::PartitionFailed, message))
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(partition) = self.running.take() {
+            self.set_state(PartitionState::Stopping);
+            // A guest that does not take the exit request is stopped by the
+            // timeout; either way its threads are joined.
+            let _ = partition.exit(EXIT_TIMEOUT);
+        }
+        let mut status = self.shared.status();
+        if status.state != PartitionState::Failed {
+            status.state = PartitionState::Stopped;
+        }
+        status.running_since = None;
+        self.shared.metrics.guest_memory_bytes.store(0, Ordering::Relaxed);
+        drop(status);
+        self.shared.interrupt.store(false, Ordering::SeqCst);
+    }
+
+    fn begin_swap(&mut self, plan: BootPlan, reply: Reply<PartitionInfo>) {
+        {
+            let mut status = self.shared.status();
+            if let Some(other) = &status.swapping_to {
+                let _ = reply.send(Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("a swap to {other} is already under way; wait for it"),
+                )));
+                return;
+            }
+            if status.state != PartitionState::Running {
+                // Nothing serves: take the new model for the next start.
+                status.plan = plan;
+                status.error = None;
+                drop(status);
+                let _ = reply.send(Ok(self.shared.info()));
+                return;
+            }
+            status.swapping_to = Some(plan.model.name.clone());
+        }
+        let outbox = self.outbox.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("swap-{}", self.shared.id))
+            .spawn(move || {
+                let result = boot(&plan);
+                let _ = outbox.send(WorkerMessage::SwapReady(Box::new(plan), result, reply));
+            });
+        if let Err(error) = spawned {
+            self.shared.status().swapping_to = None;
+            // The reply went with the closure that could not be spawned.
+            eprintln!("aivmm serve: cannot start a model swap thread: {error}");
+        }
+    }
+
+    fn finish_swap(
+        &mut self,
+        plan: BootPlan,
+        result: Result<InferencePartition, String>,
+    ) -> Result<PartitionInfo, ApiError> {
+        self.shared.status().swapping_to = None;
+        let new = match result {
+            Ok(new) => new,
+            Err(why) => {
+                let message = format!(
+                    "model swap to {} refused: the new partition did not boot ({why}); {} keeps serving",
+                    plan.model.name,
+                    self.shared.status().plan.model.name
+                );
+                self.shared.status().error = Some(message.clone());
+                return Err(ApiError::new(ErrorCode::PartitionFailed, message));
+            }
+        };
+        if self.shared.interrupt.load(Ordering::SeqCst) || self.running.is_none() {
+            // Stopped or deleted meanwhile: the new partition is not wanted.
+            let _ = new.exit(EXIT_TIMEOUT);
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("partition {} was stopped during the model swap", self.shared.id),
+            ));
+        }
+        let old = self.running.replace(new);
+        {
+            let mut status = self.shared.status();
+            status.plan = plan;
+            status.error = None;
+            status.running_since = Some(Instant::now());
+            status.state = PartitionState::Running;
+        }
+        self.shared.metrics.record_boot();
+        if let Some(old) = old {
+            let _ = old.exit(EXIT_TIMEOUT);
+        }
+        Ok(self.shared.info())
+    }
+
+    fn complete(&mut self, job: &CompletionJob, events: &UnboundedSender<StreamEvent>) {
+        let id = self.shared.id.clone();
+        let fail = |error: ApiError| {
+            let _ = events.send(StreamEvent::Error(error));
+        };
+        if self.shared.interrupt.load(Ordering::SeqCst) {
+            return fail(ApiError::new(
+                ErrorCode::PartitionGone,
+                format!("partition {id} was stopped before this request ran"),
+            ));
+        }
+        let plan = self.shared.status().plan.clone();
+        let Some(partition) = self.running.as_mut() else {
+            let status = self.shared.status();
+            return fail(match status.state {
+                PartitionState::Failed => ApiError::new(
+                    ErrorCode::PartitionFailed,
+                    format!(
+                        "partition {id} has failed ({}); restart it",
+                        status.error.as_deref().unwrap_or("no reason recorded")
+                    ),
+                ),
+                _ => ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("partition {id} is not running; start it first"),
+                ),
+            });
+        };
+        let text = match &job.prompt {
+            ApiPrompt::Text(text) => text.clone(),
+            ApiPrompt::Chat(turns) => {
+                let messages: Vec<Message<'_>> = turns
+                    .iter()
+                    .map(|(role, content)| Message {
+                        role: match role {
+                            ChatRole::System => Role::System,
+                            ChatRole::User => Role::User,
+                            ChatRole::Assistant => Role::Assistant,
+                        },
+                        content,
+                    })
+                    .collect();
+                plan.template.render(&messages, true)
+            }
+        };
+        let sampling = SamplerConfig {
+            temperature: job.sampling.temperature,
+            top_k: job.sampling.top_k as usize,
+            top_p: job.sampling.top_p,
+            min_p: job.sampling.min_p,
+            repeat_penalty: job.sampling.repeat_penalty,
+            repeat_last_n: job.sampling.repeat_last_n as usize,
+            seed: job.sampling.seed,
+        };
+        let request = GenerationRequest {
+            prompt: Prompt::Text(&text),
+            max_tokens: job.max_tokens.map_or(usize::MAX, |n| n as usize),
+            sampling,
+            stop_at_eog: !job.ignore_eos,
+        };
+        let mut stops = StopStrings::new(&job.stop);
+        let mut sent = String::new();
+        let mut hit_stop = false;
+        let mut client_gone = false;
+        let mut first_text_at = None;
+        let interrupt = &self.shared.interrupt;
+        let result = partition.generate(&request, &mut |piece| {
+            if hit_stop || client_gone {
+                return Flow::Stop;
+            }
+            first_text_at.get_or_insert_with(Instant::now);
+            let step = stops.push(piece);
+            if !step.emit.is_empty() {
+                sent.push_str(&step.emit);
+                if events.send(StreamEvent::Text(step.emit)).is_err() {
+                    client_gone = true;
+                    return Flow::Stop;
+                }
+            }
+            if step.stopped {
+                hit_stop = true;
+                return Flow::Stop;
+            }
+            if interrupt.load(Ordering::SeqCst) {
+                return Flow::Stop;
+            }
+            Flow::Continue
+        });
+        self.shared
+            .metrics
+            .vcpu_exits
+            .store(partition.exits(), Ordering::Relaxed);
+        let completion = match result {
+            Ok(completion) => completion,
+            Err(error) => {
+                let alive = !partition.has_ended();
+                self.shared.metrics.record(&CompletionRecord {
+                    outcome: Outcome::Failed,
+                    prompt_tokens: 0,
+                    tokens: 0,
+                    tokens_per_sec: 0.0,
+                    ttft_ms: None,
+                    token_ms: &[],
+                });
+                if let InferenceError::BadRequest(why) = &error {
+                    return fail(ApiError::new(ErrorCode::InvalidRequest, why.clone()));
+                }
+                let message = format!("partition {id} failed during the completion: {error}");
+                if !alive {
+                    self.running = None;
+                    let mut status = self.shared.status();
+                    status.state = PartitionState::Failed;
+                    status.running_since = None;
+                    status.error = Some(message.clone());
+                }
+                return fail(ApiError::new(ErrorCode::PartitionFailed, message));
+            }
+        };
+        let interrupted = interrupt.load(Ordering::SeqCst) && !hit_stop;
+        let cancelled = completion.stop == StopReason::Cancelled && !hit_stop;
+        self.shared.metrics.record(&CompletionRecord {
+            outcome: if cancelled {
+                Outcome::Cancelled
+            } else {
+                Outcome::Completed
+            },
+            prompt_tokens: completion.n_fed as u64,
+            tokens: completion.tokens.len() as u64,
+            tokens_per_sec: completion.gen_tok_s(),
+            ttft_ms: (!completion.tokens.is_empty()).then_some(completion.ttft_ms),
+            token_ms: &completion.token_ms,
+        });
+        if interrupted {
+            return fail(ApiError::new(
+                ErrorCode::PartitionGone,
+                format!("partition {id} was stopped or deleted while this request ran"),
+            ));
+        }
+        if client_gone {
+            return;
+        }
+        if !hit_stop {
+            let tail = stops.finish();
+            if !tail.is_empty() {
+                sent.push_str(&tail);
+                let _ = events.send(StreamEvent::Text(tail));
+            }
+        }
+        let finish_reason = if hit_stop {
+            FinishReason::Stop
+        } else {
+            match completion.stop {
+                StopReason::EndOfGeneration => FinishReason::Stop,
+                StopReason::MaxTokens => FinishReason::Length,
+                StopReason::ContextFull => FinishReason::ContextFull,
+                StopReason::Cancelled => FinishReason::Cancelled,
+            }
+        };
+        let queue_ms = first_text_at
+            .map(|at| at.saturating_duration_since(job.received).as_secs_f64() * 1e3 - completion.ttft_ms)
+            .unwrap_or(0.0)
+            .max(0.0);
+        let result = CompletionResult {
+            partition: id,
+            model: plan.model.name.clone(),
+            text: sent,
+            finish_reason,
+            prompt_tokens: completion.n_context as u64,
+            prompt_tokens_processed: completion.n_fed as u64,
+            prompt_tokens_reused: completion.n_reused as u64,
+            completion_tokens: completion.tokens.len() as u64,
+            ttft_ms: completion.ttft_ms,
+            prompt_tokens_per_sec: completion.prompt_tok_s(),
+            tokens_per_sec: completion.gen_tok_s(),
+            queue_ms,
+            vcpu_exits: completion.exits,
+        };
+        let _ = events.send(StreamEvent::Done(Box::new(result)));
+    }
+}
