@@ -151,15 +151,31 @@ fn compare_with_llama_cpp(what: &str, host: &[u32], partition: &[u32], llama_cpp
 }
 
 /// Exits per generated token over several completions, checked and printed.
-fn check_exits(what: &str, completions: &[&Completion]) {
+///
+/// What the guest decides is exact: one notification per generated token.
+/// MMIO exits during a request depend on scheduling: a worker the host woke
+/// with the request but that the host did not run within the guest's wait
+/// (a busy 2-core machine) is woken by the pool with one WAKE write, and the
+/// boot vCPU may reach its idle PARK just as the host submits. So each request
+/// may add at most one MMIO exit per vCPU, and no more.
+fn check_exits(what: &str, vcpus: u64, completions: &[&Completion]) {
     let exits: u64 = completions.iter().map(|c| c.exits).sum();
     let tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
     let notifications: u64 = completions.iter().map(|c| c.notifications).sum();
+    let mmio = exits - notifications;
     let per_token = exits as f64 / tokens.max(1) as f64;
-    eprintln!("{what}: {exits} exits ({notifications} notifications) for {tokens} tokens: {per_token:.3} per token");
+    eprintln!(
+        "{what}: {exits} exits ({notifications} notifications, {mmio} MMIO) for {tokens} tokens: {per_token:.3} per token"
+    );
     assert!(
-        per_token <= 1.0,
-        "{what}: {exits} exits for {tokens} generated tokens; at most one per token is the budget"
+        notifications <= tokens as u64,
+        "{what}: {notifications} notifications for {tokens} generated tokens; the guest notifies once per token"
+    );
+    let wake_budget = completions.len() as u64 * vcpus;
+    assert!(
+        mmio <= wake_budget,
+        "{what}: {mmio} MMIO exits during {} requests on {vcpus} vCPU(s); at most one (a wake or a park) per vCPU and request is expected",
+        completions.len()
     );
 }
 
@@ -262,7 +278,7 @@ fn gemma_in_partitions_of_one_and_two_vcpus_equals_the_host_engine_and_llama_cpp
         );
         completions.push(completion);
     }
-    check_exits("Gemma, 1 vCPU", &completions.iter().collect::<Vec<_>>());
+    check_exits("Gemma, 1 vCPU", 1, &completions.iter().collect::<Vec<_>>());
     exit_cleanly(partition, &completions.iter().collect::<Vec<_>>());
 
     // Two vCPUs; token-id prompts. Same tokens as one vCPU (and the host).
@@ -281,7 +297,7 @@ fn gemma_in_partitions_of_one_and_two_vcpus_equals_the_host_engine_and_llama_cpp
         assert_eq!(completion.text, one_vcpu.text);
         two.push(completion);
     }
-    check_exits("Gemma, 2 vCPUs", &two.iter().collect::<Vec<_>>());
+    check_exits("Gemma, 2 vCPUs", 2, &two.iter().collect::<Vec<_>>());
     exit_cleanly(partition, &two.iter().collect::<Vec<_>>());
 }
 
@@ -354,7 +370,7 @@ fn a_chat_through_the_device_reuses_the_cached_conversation() {
     let host = host_greedy(&model_path, &[&first_tokens, &second_tokens], 16);
     assert_eq!(first.tokens, host[0]);
     assert_eq!(second.tokens, host[1]);
-    check_exits("chat, 2 vCPUs", &[&first, &second]);
+    check_exits("chat, 2 vCPUs", 2, &[&first, &second]);
     exit_cleanly(partition, &[&first, &second]);
 }
 
@@ -441,7 +457,7 @@ fn tiny_models_in_a_partition_equal_the_host_engine_and_llama_cpp() {
             fixture.model,
             fixture.cases.len()
         );
-        check_exits(&fixture.model, &completions.iter().collect::<Vec<_>>());
+        check_exits(&fixture.model, 2, &completions.iter().collect::<Vec<_>>());
         exit_cleanly(partition, &completions.iter().collect::<Vec<_>>());
     }
 }
@@ -453,7 +469,10 @@ fn a_cancelled_request_stops_early_and_the_next_one_is_unaffected() {
         return;
     }
     let Some((path, fixture)) = tiny_fixtures().into_iter().next() else {
-        assert!(!common::in_ci(), "no tiny model fixtures in tests/fixtures/models");
+        assert!(
+            !common::in_ci(),
+            "no tiny model fixtures in tests/fixtures/models"
+        );
         eprintln!("{name}: SKIPPED: no tiny model fixtures");
         return;
     };
@@ -485,10 +504,16 @@ fn a_cancelled_request_stops_early_and_the_next_one_is_unaffected() {
         cancelled.tokens.len()
     );
     // The cancelled tokens are the start of the same greedy run.
-    let full = run(&mut partition, &greedy(Prompt::Text(&case.prompt), case.tokens.len()));
+    let full = run(
+        &mut partition,
+        &greedy(Prompt::Text(&case.prompt), case.tokens.len()),
+    );
     assert_eq!(&full.tokens[..3], &cancelled.tokens[..3]);
     let host = host_greedy(&path, &[case.prompt_ids.as_slice()], case.tokens.len());
-    assert_eq!(full.tokens, host[0], "the request after a cancel equals the host engine");
+    assert_eq!(
+        full.tokens, host[0],
+        "the request after a cancel equals the host engine"
+    );
     exit_cleanly(partition, &[&cancelled, &full]);
 }
 

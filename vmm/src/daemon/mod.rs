@@ -92,12 +92,22 @@ fn read_token(path: &Path) -> Result<String, ServeError> {
 fn default_model_dir() -> Option<PathBuf> {
     let cache = std::env::var_os("AIVMM_CACHE")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/aivmm")))?;
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/aivmm"))
+        })?;
     Some(cache.join("models"))
 }
 
 /// Runs the daemon until SIGINT or SIGTERM; then stops every partition.
 pub fn cmd_serve(args: ServeArgs) -> Result<(), ServeError> {
+    serve(args, wait_for_signal())
+}
+
+/// Runs the daemon until `shutdown` completes; then stops every partition.
+pub fn serve(
+    args: ServeArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     if !Path::new("/dev/kvm").exists() {
         return Err(ServeError::NoKvm);
     }
@@ -140,7 +150,10 @@ pub fn cmd_serve(args: ServeArgs) -> Result<(), ServeError> {
             .map_err(ServeError::Runtime)?;
         let unix = std::sync::Arc::new(
             tokio::net::UnixListener::from_std(
-                api_socket.listener.try_clone().map_err(ServeError::Runtime)?,
+                api_socket
+                    .listener
+                    .try_clone()
+                    .map_err(ServeError::Runtime)?,
             )
             .map_err(ServeError::Runtime)?,
         );
@@ -178,7 +191,7 @@ pub fn cmd_serve(args: ServeArgs) -> Result<(), ServeError> {
             eprintln!("aivmm serve: API on tcp://{addr} (bearer token required)");
         }
         eprintln!("aivmm serve: API on {}", api_socket.path().display());
-        wait_for_signal().await;
+        shutdown.await;
         eprintln!("aivmm serve: stopping partitions");
         let _ = stop.send(true);
         for server in servers {
@@ -197,7 +210,10 @@ pub fn cmd_serve(args: ServeArgs) -> Result<(), ServeError> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the daemon runs until killed.
         std::future::pending::<()>().await;
         return;

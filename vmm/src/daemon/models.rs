@@ -51,11 +51,19 @@ pub fn describe(name: &str, path: &Path) -> Result<ModelInfo, ApiError> {
         parameters += tensor.n_elements();
         *bytes_by_type.entry(tensor.ty.name()).or_default() += tensor.data.len() as u64;
     }
-    let quantization = bytes_by_type
-        .iter()
-        .max_by_key(|(_, bytes)| **bytes)
-        .map_or("none", |(name, _)| name)
-        .to_string();
+    let quantization = gguf
+        .get("general.file_type")
+        .and_then(|value| value.as_u64())
+        .and_then(file_type_name)
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            // No (or an unknown) file type: name the type holding most bytes.
+            bytes_by_type
+                .iter()
+                .max_by_key(|(_, bytes)| **bytes)
+                .map_or("none", |(name, _)| name)
+                .to_string()
+        });
     let vocab_size = gguf
         .get_array("tokenizer.ggml.tokens")
         .map_or(0, |tokens| tokens.len() as u64);
@@ -71,6 +79,32 @@ pub fn describe(name: &str, path: &Path) -> Result<ModelInfo, ApiError> {
         vocab_size,
         architecture,
         used_by: Vec::new(),
+    })
+}
+
+/// llama.cpp's name for a `general.file_type` (`enum llama_ftype`), the
+/// quantization mix a file was made with ("Q4_K_M" keeps some tensors in
+/// Q6_K or Q8_0, so no single tensor type names it).
+fn file_type_name(file_type: u64) -> Option<&'static str> {
+    Some(match file_type {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => return None,
     })
 }
 
@@ -124,7 +158,10 @@ impl ModelRegistry {
     pub fn register(&mut self, name: &str, path: &Path) -> Result<ModelInfo, ApiError> {
         validate_model_name(name).map_err(|why| ApiError::invalid("name", why))?;
         if name == DEFAULT_NAME {
-            return Err(ApiError::invalid("name", "\"default\" is reserved for the default model"));
+            return Err(ApiError::invalid(
+                "name",
+                "\"default\" is reserved for the default model",
+            ));
         }
         if let Some(known) = self.models.get(name) {
             if Path::new(&known.path) != path {
@@ -156,7 +193,10 @@ impl ModelRegistry {
         }
         if reference == DEFAULT_NAME {
             let path = model_store::fetch(model_store::DEFAULT_MODEL).map_err(|error| {
-                ApiError::new(ErrorCode::Internal, format!("cannot obtain the default model: {error}"))
+                ApiError::new(
+                    ErrorCode::Internal,
+                    format!("cannot obtain the default model: {error}"),
+                )
             })?;
             let info = describe(DEFAULT_NAME, &path)?;
             self.models.insert(DEFAULT_NAME.into(), info.clone());
@@ -165,7 +205,10 @@ impl ModelRegistry {
         if reference.starts_with('/') {
             let path = Path::new(reference);
             if !path.is_file() {
-                return Err(ApiError::invalid(param, format!("{reference} is not a file")));
+                return Err(ApiError::invalid(
+                    param,
+                    format!("{reference} is not a file"),
+                ));
             }
             let name = path
                 .file_stem()

@@ -1,0 +1,1073 @@
+//! `aivmm serve` driven by real clients: curl over the Unix socket, the
+//! `openai` Python package over TCP with a bearer token, the project's own
+//! client, and Prometheus' text parser. Partitions are real KVM partitions.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use aivmm::daemon::{self, ServeArgs, ServeError};
+use aivmm::host_engine::{HostEngine, HostOptions, MappedModel};
+use aivmm_api::client::{Client, SseEvent};
+use aivmm_api::types::*;
+use aivmm_engine::chat::{ChatTemplate, Message, Role};
+use aivmm_engine::sampling::SamplerConfig;
+use serde_json::{json, Value};
+
+/// Two cores: the daemon tests take turns (each boots up to two partitions).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+const PROMPT: &str = "The three primary colors are";
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "aivmm-daemon-{}-{name}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn tiny(name: &str) -> PathBuf {
+    common::fixtures()
+        .join("models")
+        .join(format!("{name}.gguf"))
+}
+
+/// A daemon in this process, on its own socket; stopped on drop.
+struct Daemon {
+    dir: PathBuf,
+    socket: PathBuf,
+    tcp: Option<SocketAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+impl Daemon {
+    fn start(name: &str, models: &[(&str, PathBuf)], tcp: bool) -> Daemon {
+        let dir = scratch_dir(name);
+        let socket = dir.join("api.sock");
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        let tcp = tcp.then(free_port);
+        let model_dir = dir.join("models");
+        std::fs::create_dir_all(&model_dir).unwrap();
+        let args = ServeArgs {
+            api_sock: socket.clone(),
+            listen: tcp,
+            token_file: tcp.map(|_| token_file),
+            model_dir: Some(model_dir),
+            models: models
+                .iter()
+                .map(|(name, path)| (name.to_string(), path.clone()))
+                .collect(),
+            max_body_bytes: 1 << 20,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            daemon::serve(args, async move {
+                let _ = stopped.await;
+            })
+        });
+        let daemon = Daemon {
+            dir,
+            socket,
+            tcp,
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if daemon.socket.exists() {
+                if let Ok((200, _)) = daemon.client().raw("GET", "/health", None) {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "the daemon did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.socket).unwrap()
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.tcp.expect("started with TCP"))
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (status, bytes) = self
+            .client()
+            .raw(method, path, body.map(|b| b.to_string().into_bytes()))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                panic!(
+                    "{method} {path}: not JSON ({e}): {}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })
+        };
+        (status, value)
+    }
+
+    fn create(&self, id: &str, model: &str) -> PartitionInfo {
+        let (status, body) = self.call(
+            "POST",
+            "/partitions",
+            Some(json!({"id": id, "model": model, "vcpus": 1})),
+        );
+        assert_eq!(status, 201, "create {id}: {body}");
+        serde_json::from_value(body).unwrap()
+    }
+
+    /// curl over the Unix socket: (HTTP status, body).
+    fn curl(&self, method: &str, path: &str, body: Option<&str>, extra: &[&str]) -> (u16, String) {
+        let mut command = Command::new("curl");
+        command
+            .args(["-sS", "-N", "--unix-socket"])
+            .arg(&self.socket)
+            .args(["-X", method, "-w", "\n%{http_code}"])
+            .args(extra);
+        if let Some(body) = body {
+            command.args(["-H", "Content-Type: application/json", "-d", body]);
+        }
+        command.arg(format!("http://localhost{path}"));
+        let out = command
+            .output()
+            .expect("curl runs (tests/api/setup.sh installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (status.trim().parse().unwrap_or(0), body.to_string())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => eprintln!("daemon ended with an error: {error}"),
+                Err(_) => {
+                    if !std::thread::panicking() {
+                        panic!("the daemon thread panicked")
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Greedy text of the host engine for `text` (the reference `aivmm run` equals,
+/// as the partition tests show).
+fn host_greedy_text(model_path: &Path, text: &str, max_tokens: usize) -> String {
+    let mapped = MappedModel::open(model_path).unwrap();
+    let gguf = mapped.parse().unwrap();
+    let model = mapped.load(&gguf).unwrap();
+    let mut engine = HostEngine::new(
+        model,
+        HostOptions {
+            threads: 1,
+            n_ctx: 0,
+            max_batch: 32,
+            max_tokens,
+            sampling: SamplerConfig::greedy(),
+            ignore_eos: false,
+            kernels: None,
+        },
+    )
+    .unwrap();
+    let prompt = engine.tokenize_prompt(text);
+    let mut out = String::new();
+    engine
+        .complete(&prompt, &mut |piece| out.push_str(piece))
+        .unwrap();
+    out
+}
+
+fn chat_text(model_path: &Path, user: &str) -> String {
+    let mapped = MappedModel::open(model_path).unwrap();
+    let gguf = mapped.parse().unwrap();
+    let model = mapped.load(&gguf).unwrap();
+    ChatTemplate::for_model(&gguf, model.config.arch).render(
+        &[Message {
+            role: Role::User,
+            content: user,
+        }],
+        true,
+    )
+}
+
+fn parse_sse(body: &str) -> Vec<SseEvent> {
+    body.split("\n\n")
+        .filter_map(|block| {
+            let mut event = SseEvent {
+                event: String::new(),
+                data: String::new(),
+            };
+            for line in block.lines() {
+                if let Some(name) = line.strip_prefix("event: ") {
+                    event.event = name.into();
+                } else if let Some(data) = line.strip_prefix("data: ") {
+                    event.data = data.into();
+                }
+            }
+            (!event.data.is_empty()).then_some(event)
+        })
+        .collect()
+}
+
+fn streamed_text(events: &[SseEvent]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "token")
+        .map(|e| serde_json::from_str::<TokenEvent>(&e.data).unwrap().text)
+        .collect()
+}
+
+/// The Python of tests/api/setup.sh's venv (openai, prometheus_client,
+/// schemathesis), or None outside CI when it cannot be set up.
+fn api_python(test: &str) -> Option<PathBuf> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let python = PYTHON.get_or_init(|| {
+        if let Some(python) = std::env::var_os("AIVMM_API_PYTHON") {
+            return Ok(PathBuf::from(python));
+        }
+        let out = Command::new("bash")
+            .arg(common::repo_root().join("tests/api/setup.sh"))
+            .output()
+            .map_err(|e| format!("cannot run tests/api/setup.sh: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "tests/api/setup.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    });
+    match python {
+        Ok(python) => Some(python.clone()),
+        Err(why) if common::in_ci() => panic!("{test}: {why}"),
+        Err(why) => {
+            eprintln!("{test}: SKIPPED the Python clients: {why}");
+            None
+        }
+    }
+}
+
+#[test]
+fn curl_and_the_openai_client_get_the_greedy_output_of_aivmm_run() {
+    let name = "curl_and_the_openai_client_get_the_greedy_output_of_aivmm_run";
+    if !common::kvm_available(name) {
+        return;
+    }
+    let _serial = serial();
+    let gemma = common::default_model();
+    let daemon = Daemon::start("openai", &[("gemma", gemma.clone())], true);
+    let n = 24;
+    let expected = host_greedy_text(&gemma, PROMPT, n);
+    let expected_chat = host_greedy_text(&gemma, &chat_text(&gemma, PROMPT), n);
+
+    // curl: create, complete (whole and streamed), read.
+    let (status, body) = daemon.curl(
+        "POST",
+        "/partitions",
+        Some(r#"{"id": "g", "model": "gemma", "vcpus": 1}"#),
+        &[],
+    );
+    assert_eq!(status, 201, "{body}");
+    let request =
+        json!({"prompt": PROMPT, "max_tokens": n, "sampling": {"temperature": 0}, "stream": false});
+    let (status, body) = daemon.curl(
+        "POST",
+        "/partitions/g/completions",
+        Some(&request.to_string()),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    let result: CompletionResult = serde_json::from_str(&body).unwrap();
+    assert_eq!(result.text, expected, "curl, whole answer");
+    assert_eq!(result.model, "gemma");
+    let request = json!({"prompt": PROMPT, "max_tokens": n, "sampling": {"temperature": 0}});
+    let (status, body) = daemon.curl(
+        "POST",
+        "/partitions/g/completions",
+        Some(&request.to_string()),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    let events = parse_sse(&body);
+    assert_eq!(streamed_text(&events), expected, "curl, streamed");
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "done", "{body}");
+    let done: CompletionResult = serde_json::from_str(&last.data).unwrap();
+    assert_eq!(done.text, expected);
+    assert_eq!(
+        done.prompt_tokens_reused + done.prompt_tokens_processed,
+        done.prompt_tokens
+    );
+    assert!(
+        done.prompt_tokens_reused > 0,
+        "the second identical prompt reuses the cache"
+    );
+
+    // The project's client: the same through the `aivmm complete` path.
+    let mut text = String::new();
+    let mut finish = None;
+    daemon
+        .client()
+        .stream(
+            "/partitions/g/completions",
+            &CompletionRequest {
+                prompt: PROMPT.into(),
+                chat: true,
+                max_tokens: n as u32,
+                sampling: Sampling::greedy(),
+                stop: Vec::new(),
+                ignore_eos: false,
+                stream: true,
+            },
+            &mut |event| match event.event.as_str() {
+                "token" => text.push_str(
+                    &serde_json::from_str::<TokenEvent>(&event.data)
+                        .unwrap()
+                        .text,
+                ),
+                "done" => {
+                    finish = Some(serde_json::from_str::<CompletionResult>(&event.data).unwrap())
+                }
+                other => panic!("unexpected event {other}: {}", event.data),
+            },
+        )
+        .unwrap();
+    assert_eq!(text, expected_chat, "chat through the native route");
+    assert!(finish.is_some());
+
+    // The openai package over TCP with the bearer token.
+    if let Some(python) = api_python(name) {
+        let out = Command::new(&python)
+            .arg(common::repo_root().join("tests/api/openai_client.py"))
+            .args([
+                &format!("{}/v1", daemon.url()),
+                TOKEN,
+                "gemma",
+                PROMPT,
+                &n.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openai_client.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answers: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            answers["completion"],
+            expected.as_str(),
+            "openai completions"
+        );
+        assert_eq!(
+            answers["completion_stream"],
+            expected.as_str(),
+            "openai completions, streamed"
+        );
+        assert_eq!(answers["chat"], expected_chat.as_str(), "openai chat");
+        assert_eq!(
+            answers["chat_stream"],
+            expected_chat.as_str(),
+            "openai chat, streamed"
+        );
+        assert_eq!(
+            answers["chat_usage_completion_tokens"], n,
+            "max_tokens reached: {answers}"
+        );
+        assert_eq!(answers["not_found_status"], 404);
+        assert_eq!(answers["unauthorized_status"], 401);
+        assert!(answers["models"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("gemma")));
+
+        // /metrics through Prometheus' own parser.
+        let (status, metrics) = daemon.curl("GET", "/metrics", None, &[]);
+        assert_eq!(status, 200);
+        let metrics_file = daemon.dir.join("metrics.txt");
+        std::fs::write(&metrics_file, &metrics).unwrap();
+        let out = Command::new(&python)
+            .arg(common::repo_root().join("tests/api/parse_metrics.py"))
+            .arg(&metrics_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "prometheus_client rejected /metrics: {}\n{metrics}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let families: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for family in [
+            "aivmm_tokens_generated",
+            "aivmm_time_to_first_token_seconds",
+            "aivmm_token_latency_seconds",
+            "aivmm_queue_depth",
+            "aivmm_vcpu_exits",
+            "aivmm_guest_memory_bytes",
+            "aivmm_partition_state",
+            "aivmm_tokens_per_second",
+        ] {
+            assert!(
+                families.get(family).is_some(),
+                "{family} missing from {families}"
+            );
+        }
+        // 2 curl + 1 native chat + 4 openai completions of n tokens each.
+        assert_eq!(families["aivmm_tokens_generated"]["g"], json!(7 * n));
+    }
+    let (status, _) = daemon.curl("DELETE", "/partitions/g", None, &[]);
+    assert_eq!(status, 204);
+}
+
+/// Reads a streamed completion on its own connection, recording when the
+/// first token arrived.
+fn stream_in_background(
+    socket: PathBuf,
+    partition: &str,
+    request: CompletionRequest,
+    first_token: std::sync::mpsc::Sender<()>,
+) -> JoinHandle<Vec<SseEvent>> {
+    let path = format!("/partitions/{partition}/completions");
+    std::thread::spawn(move || {
+        let mut events = Vec::new();
+        let mut told = false;
+        Client::new(&socket)
+            .unwrap()
+            .stream(&path, &request, &mut |event| {
+                if event.event == "token" && !told {
+                    told = true;
+                    let _ = first_token.send(());
+                }
+                events.push(event);
+            })
+            .unwrap();
+        events
+    })
+}
+
+fn greedy_request(prompt: &str, max_tokens: u32, ignore_eos: bool) -> CompletionRequest {
+    CompletionRequest {
+        prompt: prompt.into(),
+        chat: false,
+        max_tokens,
+        sampling: Sampling::greedy(),
+        stop: Vec::new(),
+        ignore_eos,
+        stream: true,
+    }
+}
+
+#[test]
+fn two_partitions_serve_at_once_and_a_model_swap_disturbs_neither() {
+    let name = "two_partitions_serve_at_once_and_a_model_swap_disturbs_neither";
+    if !common::kvm_available(name) {
+        return;
+    }
+    let _serial = serial();
+    let gemma = common::default_model();
+    let daemon = Daemon::start(
+        "swap",
+        &[
+            ("gemma", gemma.clone()),
+            ("tiny-llama", tiny("tiny-llama-f16")),
+            ("tiny-qwen2", tiny("tiny-qwen2-f16")),
+        ],
+        false,
+    );
+    let long = daemon.create("long", "gemma");
+    let swapped = daemon.create("swapped", "tiny-llama");
+    assert_ne!(
+        long.host_cpus, swapped.host_cpus,
+        "each partition has its own core"
+    );
+    let n = 64;
+    let expected_long = host_greedy_text(&gemma, PROMPT, n);
+
+    let (first_token, got_first) = std::sync::mpsc::channel();
+    let reader = stream_in_background(
+        daemon.socket.clone(),
+        "long",
+        greedy_request(PROMPT, n as u32, false),
+        first_token,
+    );
+    got_first.recv_timeout(Duration::from_secs(60)).unwrap();
+
+    // While `long` streams: a refused swap keeps the old model serving ...
+    let not_a_model = daemon.dir.join("not-a-model.gguf");
+    std::fs::write(&not_a_model, b"this is not a GGUF file").unwrap();
+    let (status, body) = daemon.call(
+        "PUT",
+        "/partitions/swapped/model",
+        Some(json!({"model": not_a_model.display().to_string()})),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "model", "{body}");
+    let tiny_prompt = "Hello world";
+    let before = host_greedy_text(&tiny("tiny-llama-f16"), tiny_prompt, 16);
+    let (status, body) = daemon.call(
+        "POST",
+        "/partitions/swapped/completions",
+        Some(json!({"prompt": tiny_prompt, "max_tokens": 16, "sampling": {"temperature": 0}, "stream": false})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["text"], before.as_str());
+    assert_eq!(body["model"], "tiny-llama");
+
+    // ... and a real swap replaces it.
+    let (status, body) = daemon.call(
+        "PUT",
+        "/partitions/swapped/model",
+        Some(json!({"model": "tiny-qwen2"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let info: PartitionInfo = serde_json::from_value(body).unwrap();
+    assert_eq!(info.model, "tiny-qwen2");
+    assert_eq!(info.state, PartitionState::Running);
+    assert_eq!(
+        info.host_cpus, swapped.host_cpus,
+        "a swap keeps the partition's cores"
+    );
+    assert_eq!(info.counters.boots, 2);
+    let after = host_greedy_text(&tiny("tiny-qwen2-f16"), tiny_prompt, 16);
+    let (status, body) = daemon.call(
+        "POST",
+        "/partitions/swapped/completions",
+        Some(json!({"prompt": tiny_prompt, "max_tokens": 16, "sampling": {"temperature": 0}, "stream": false})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["text"], after.as_str());
+    assert_eq!(body["model"], "tiny-qwen2");
+
+    // Several completions at once on one partition queue and all finish.
+    let socket = daemon.socket.clone();
+    let queued: Vec<JoinHandle<(u16, Vec<u8>)>> = (0..4)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let body = json!({"prompt": tiny_prompt, "max_tokens": 16, "sampling": {"temperature": 0}, "stream": false});
+                Client::new(&socket)
+                    .unwrap()
+                    .raw("POST", "/partitions/swapped/completions", Some(body.to_string().into_bytes()))
+                    .unwrap()
+            })
+        })
+        .collect();
+    for handle in queued {
+        let (status, bytes) = handle.join().unwrap();
+        assert_eq!(status, 200);
+        let result: CompletionResult = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(result.text, after);
+    }
+
+    // The long stream was not disturbed.
+    let events = reader.join().unwrap();
+    assert!(events.iter().all(|e| e.event != "error"), "{events:?}");
+    assert_eq!(streamed_text(&events), expected_long);
+
+    let models: Vec<ModelInfo> = daemon.client().call("GET", "/models", None::<&()>).unwrap();
+    let used = |name: &str| {
+        models
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap()
+            .used_by
+            .clone()
+    };
+    assert_eq!(used("gemma"), vec!["long".to_string()]);
+    assert_eq!(used("tiny-qwen2"), vec!["swapped".to_string()]);
+    assert!(used("tiny-llama").is_empty());
+    let gemma_info = models.iter().find(|m| m.name == "gemma").unwrap();
+    assert_eq!(gemma_info.architecture, "gemma3");
+    assert_eq!(gemma_info.quantization, "Q4_K_M");
+    assert!(
+        gemma_info.context_length > 0 && gemma_info.parameters > 0,
+        "{gemma_info:?}"
+    );
+}
+
+#[test]
+fn deleting_a_partition_mid_stream_ends_its_stream_with_an_error_and_the_daemon_goes_on() {
+    let name =
+        "deleting_a_partition_mid_stream_ends_its_stream_with_an_error_and_the_daemon_goes_on";
+    if !common::kvm_available(name) {
+        return;
+    }
+    let _serial = serial();
+    let gemma = common::default_model();
+    let daemon = Daemon::start(
+        "delete",
+        &[
+            ("gemma", gemma.clone()),
+            ("tiny-llama", tiny("tiny-llama-f16")),
+        ],
+        false,
+    );
+    daemon.create("doomed", "gemma");
+    daemon.create("other", "tiny-llama");
+    let (first_token, got_first) = std::sync::mpsc::channel();
+    let reader = stream_in_background(
+        daemon.socket.clone(),
+        "doomed",
+        greedy_request(PROMPT, 2000, true),
+        first_token,
+    );
+    got_first.recv_timeout(Duration::from_secs(60)).unwrap();
+    let (status, body) = daemon.call("DELETE", "/partitions/doomed", None);
+    assert_eq!(status, 204, "{body}");
+    let events = reader.join().unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(
+        last.event, "error",
+        "the stream ends with an error event: {events:?}"
+    );
+    let error: ErrorBody = serde_json::from_str(&last.data).unwrap();
+    assert_eq!(error.error.code, "partition_gone", "{}", last.data);
+    assert!(streamed_text(&events).len() > 0);
+
+    let (status, body) = daemon.call("GET", "/partitions/doomed", None);
+    assert_eq!(status, 404, "{body}");
+    let (status, health) = daemon.call("GET", "/health", None);
+    assert_eq!(status, 200);
+    assert_eq!(health["partitions"], 1);
+    let (status, body) = daemon.call(
+        "POST",
+        "/partitions/other/completions",
+        Some(json!({"prompt": "Hello", "max_tokens": 8, "stream": false})),
+    );
+    assert_eq!(status, 200, "the other partition still serves: {body}");
+
+    // Its core is free again.
+    daemon.create("again", "tiny-llama");
+}
+
+#[test]
+fn a_closed_connection_cancels_its_completion() {
+    let name = "a_closed_connection_cancels_its_completion";
+    if !common::kvm_available(name) {
+        return;
+    }
+    let _serial = serial();
+    let gemma = common::default_model();
+    let daemon = Daemon::start("cancel", &[("gemma", gemma.clone())], false);
+    daemon.create("g", "gemma");
+    // A raw HTTP/1.1 client that reads the first token and hangs up.
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    let body = json!({"prompt": PROMPT, "max_tokens": 4000, "ignore_eos": true, "sampling": {"temperature": 0}}).to_string();
+    write!(
+        stream,
+        "POST /partitions/g/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("event: token") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the daemon closed the stream: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stats = loop {
+        let stats: Stats = daemon.client().call("GET", "/stats", None::<&()>).unwrap();
+        if stats.partitions[0].counters.requests_cancelled == 1 {
+            break stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the completion was not cancelled: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let counters = &stats.partitions[0].counters;
+    assert!(counters.tokens_generated < 4000, "{counters:?}");
+    assert_eq!(counters.queue_depth, 0);
+    // The partition serves the next request as if nothing happened.
+    let expected = host_greedy_text(&gemma, PROMPT, 8);
+    let (status, body) = daemon.call(
+        "POST",
+        "/partitions/g/completions",
+        Some(json!({"prompt": PROMPT, "max_tokens": 8, "sampling": {"temperature": 0}, "stream": false})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["text"], expected.as_str());
+}
+
+fn assert_error(
+    what: &str,
+    (status, body): (u16, Value),
+    want_status: u16,
+    code: &str,
+    param: Option<&str>,
+) {
+    assert_eq!(status, want_status, "{what}: {body}");
+    assert_eq!(body["error"]["code"], code, "{what}: {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{what}: {body}"
+    );
+    assert!(body["error"]["type"].is_string(), "{what}: {body}");
+    if let Some(param) = param {
+        assert_eq!(body["error"]["param"], param, "{what}: {body}");
+    }
+}
+
+#[test]
+fn bad_requests_are_refused_with_4xx_naming_the_field() {
+    let name = "bad_requests_are_refused_with_4xx_naming_the_field";
+    if !common::kvm_available(name) {
+        return;
+    }
+    let _serial = serial();
+    let daemon = Daemon::start("bad", &[("tiny", tiny("tiny-llama-f16"))], true);
+    let post = |path: &str, body: Value| daemon.call("POST", path, Some(body));
+    assert_error(
+        "unknown field",
+        post(
+            "/partitions",
+            json!({"id": "x", "model": "tiny", "colour": "red"}),
+        ),
+        400,
+        "unknown_field",
+        Some("colour"),
+    );
+    assert_error(
+        "bad id",
+        post("/partitions", json!({"id": "Bad Id", "model": "tiny"})),
+        400,
+        "invalid_request",
+        Some("id"),
+    );
+    assert_error(
+        "missing model",
+        post("/partitions", json!({"id": "x"})),
+        400,
+        "invalid_request",
+        Some("model"),
+    );
+    assert_error(
+        "wrong type",
+        post(
+            "/partitions",
+            json!({"id": "x", "model": "tiny", "vcpus": "two"}),
+        ),
+        400,
+        "invalid_request",
+        Some("vcpus"),
+    );
+    assert_error(
+        "zero vCPUs",
+        post(
+            "/partitions",
+            json!({"id": "x", "model": "tiny", "vcpus": 0}),
+        ),
+        400,
+        "invalid_request",
+        Some("vcpus"),
+    );
+    assert_error(
+        "unknown model",
+        post("/partitions", json!({"id": "x", "model": "nope"})),
+        404,
+        "not_found",
+        Some("model"),
+    );
+    assert_error(
+        "too little memory",
+        post(
+            "/partitions",
+            json!({"id": "x", "model": "tiny", "memory_mib": 1}),
+        ),
+        400,
+        "invalid_request",
+        Some("memory_mib"),
+    );
+    assert_error(
+        "context longer than the model's",
+        post(
+            "/partitions",
+            json!({"id": "x", "model": "tiny", "context_length": 1000000}),
+        ),
+        400,
+        "invalid_request",
+        Some("context_length"),
+    );
+    assert_error(
+        "a core that does not exist",
+        post(
+            "/partitions",
+            json!({"id": "x", "model": "tiny", "cores": [4095]}),
+        ),
+        400,
+        "invalid_request",
+        Some("cores"),
+    );
+    let (status, bytes) = daemon
+        .client()
+        .raw("POST", "/partitions", Some(b"{not json".to_vec()))
+        .unwrap();
+    assert_error(
+        "bad JSON",
+        (status, serde_json::from_slice(&bytes).unwrap()),
+        400,
+        "invalid_request",
+        None,
+    );
+    // A body over the limit is refused from its Content-Length, before it is
+    // read (curl waits for that answer instead of sending all of it).
+    let big = daemon.dir.join("big.json");
+    std::fs::write(&big, vec![b' '; 2 << 20]).unwrap();
+    let (status, body) = daemon.curl(
+        "POST",
+        "/partitions",
+        None,
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &format!("@{}", big.display()),
+        ],
+    );
+    assert_error(
+        "a 2 MiB body",
+        (status, serde_json::from_str(&body).unwrap()),
+        413,
+        "payload_too_large",
+        None,
+    );
+    assert_error(
+        "unknown route",
+        daemon.call("GET", "/nowhere", None),
+        404,
+        "not_found",
+        None,
+    );
+    assert_error(
+        "wrong method",
+        daemon.call("DELETE", "/health", None),
+        405,
+        "method_not_allowed",
+        None,
+    );
+    assert_error(
+        "completion for a missing partition",
+        post("/partitions/ghost/completions", json!({"prompt": "hi"})),
+        404,
+        "not_found",
+        None,
+    );
+    daemon.create("p", "tiny");
+    assert_error(
+        "same id twice",
+        post("/partitions", json!({"id": "p", "model": "tiny"})),
+        409,
+        "already_exists",
+        None,
+    );
+    assert_error(
+        "bad sampling",
+        post(
+            "/partitions/p/completions",
+            json!({"prompt": "hi", "sampling": {"top_p": 2.0}}),
+        ),
+        400,
+        "invalid_request",
+        Some("sampling.top_p"),
+    );
+    assert_error(
+        "unknown sampling field",
+        post(
+            "/partitions/p/completions",
+            json!({"prompt": "hi", "sampling": {"tempreature": 0}}),
+        ),
+        400,
+        "unknown_field",
+        Some("sampling.tempreature"),
+    );
+    assert_error(
+        "OpenAI n > 1",
+        post(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "hi", "n": 2}),
+        ),
+        400,
+        "unsupported",
+        Some("n"),
+    );
+    assert_error(
+        "OpenAI unknown field",
+        post(
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [], "tools": []}),
+        ),
+        400,
+        "unknown_field",
+        Some("tools"),
+    );
+    assert_error(
+        "OpenAI model nobody serves",
+        post(
+            "/v1/completions",
+            json!({"model": "nobody", "prompt": "hi"}),
+        ),
+        404,
+        "not_found",
+        Some("model"),
+    );
+    // A stopped partition refuses completions until started again.
+    let (status, _) = daemon.call("POST", "/partitions/p/stop", None);
+    assert_eq!(status, 200);
+    assert_error(
+        "completion on a stopped partition",
+        post("/partitions/p/completions", json!({"prompt": "hi"})),
+        409,
+        "conflict",
+        None,
+    );
+    let (status, body) = daemon.call("POST", "/partitions/p/start", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "running");
+    assert_eq!(body["counters"]["boots"], 2);
+
+    // TCP needs the bearer token.
+    let url = format!("{}/health", daemon.url());
+    let status_of = |extra: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(status_of(&[]), "401");
+    assert_eq!(
+        status_of(&["-H", "Authorization: Bearer wrong-token-0123456789"]),
+        "401"
+    );
+    assert_eq!(
+        status_of(&["-H", &format!("Authorization: Bearer {TOKEN}")]),
+        "200"
+    );
+
+    let (status, health) = daemon.call("GET", "/health", None);
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "ok");
+}
+
+#[test]
+fn the_api_socket_is_private_stale_sockets_are_replaced_and_a_second_daemon_is_refused() {
+    let name =
+        "the_api_socket_is_private_stale_sockets_are_replaced_and_a_second_daemon_is_refused";
+    if !common::kvm_available(name) {
+        return;
+    }
+    let dir = scratch_dir("socket");
+    let socket = dir.join("api.sock");
+    // A socket file left by a daemon that died.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let args = |socket: &Path| ServeArgs {
+        api_sock: socket.to_path_buf(),
+        listen: None,
+        token_file: None,
+        model_dir: Some(dir.join("no-models")),
+        models: Vec::new(),
+        max_body_bytes: 1 << 20,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first_args = args(&socket);
+    let first = std::thread::spawn(move || {
+        daemon::serve(first_args, async move {
+            let _ = stopped.await;
+        })
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Client::new(&socket)
+        .unwrap()
+        .raw("GET", "/health", None)
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not replace the stale socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the API socket is private");
+
+    let second = daemon::serve(args(&socket), async {});
+    let error = second.expect_err("a second daemon on the same socket is refused");
+    assert!(
+        error.to_string().contains("another aivmm daemon"),
+        "{error}"
+    );
+    // The first daemon is unharmed.
+    assert_eq!(
+        Client::new(&socket)
+            .unwrap()
+            .raw("GET", "/health", None)
+            .unwrap()
+            .0,
+        200
+    );
+
+    // A file that is not a socket is never replaced.
+    let file = dir.join("precious");
+    std::fs::write(&file, b"data").unwrap();
+    let error = daemon::serve(args(&file), async {}).expect_err("a non-socket path is refused");
+    assert!(error.to_string().contains("not a socket"), "{error}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
+
+    let _ = stop.send(());
+    first.join().unwrap().unwrap();
+    assert!(
+        !socket.exists(),
+        "the socket is removed when the daemon stops"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
