@@ -119,7 +119,11 @@ impl Client {
         if !(200..300).contains(&status) {
             return Err(api_error(status, &bytes));
         }
-        let bytes = if bytes.is_empty() { b"null".to_vec() } else { bytes };
+        let bytes = if bytes.is_empty() {
+            b"null".to_vec()
+        } else {
+            bytes
+        };
         serde_json::from_slice(&bytes).map_err(ClientError::Decode)
     }
 

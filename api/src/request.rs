@@ -119,6 +119,24 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 15] = [
+        ErrorCode::InvalidRequest,
+        ErrorCode::UnknownField,
+        ErrorCode::Unsupported,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::AlreadyExists,
+        ErrorCode::Conflict,
+        ErrorCode::ResourcesExhausted,
+        ErrorCode::QueueFull,
+        ErrorCode::PartitionFailed,
+        ErrorCode::PartitionGone,
+        ErrorCode::Unauthorized,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::Timeout,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidRequest => "invalid_request",

@@ -213,8 +213,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         json_response(status, &self.body())
     }
 }
@@ -271,7 +271,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 };
                 return Err(ApiError {
                     code: ErrorCode::UnknownField,
-                    message: format!("unknown field {param}: {}", message.split(" at line").next().unwrap_or(&message)),
+                    message: format!(
+                        "unknown field {param}: {}",
+                        message.split(" at line").next().unwrap_or(&message)
+                    ),
                     param: Some(param),
                 });
             }
@@ -354,9 +357,10 @@ async fn ask<T>(
     make: impl FnOnce(Reply<T>) -> ApiRequest,
 ) -> Result<T, ApiError> {
     let (reply, answer) = oneshot::channel();
-    state.daemon.send(make(reply)).map_err(|_| {
-        ApiError::new(ErrorCode::Internal, "the daemon is shutting down")
-    })?;
+    state
+        .daemon
+        .send(make(reply))
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "the daemon is shutting down"))?;
     match tokio::time::timeout(timeout, answer).await {
         Ok(Ok(result)) => result,
         Ok(Err(_)) => Err(ApiError::new(
@@ -405,7 +409,12 @@ async fn version_info(State(state): State<AppState>) -> Response {
 }
 
 async fn list_partitions(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let list = ask(&state, state.options.control_timeout, ApiRequest::ListPartitions).await?;
+    let list = ask(
+        &state,
+        state.options.control_timeout,
+        ApiRequest::ListPartitions,
+    )
+    .await?;
     Ok(ok(&list))
 }
 
@@ -424,25 +433,37 @@ async fn create_partition(
 fn check_spec(spec: &PartitionSpec) -> Result<(), ApiError> {
     types::validate_partition_id(&spec.id).map_err(|why| ApiError::invalid("id", why))?;
     if spec.model.is_empty() {
-        return Err(ApiError::invalid("model", "must name a model or a GGUF file"));
+        return Err(ApiError::invalid(
+            "model",
+            "must name a model or a GGUF file",
+        ));
     }
     if let Some(vcpus) = spec.vcpus {
         if !(1..=aivmm_guest_abi_max_vcpus()).contains(&vcpus) {
             return Err(ApiError::invalid(
                 "vcpus",
-                format!("{vcpus} is out of range 1..={}", aivmm_guest_abi_max_vcpus()),
+                format!(
+                    "{vcpus} is out of range 1..={}",
+                    aivmm_guest_abi_max_vcpus()
+                ),
             ));
         }
     }
     if let Some(cores) = &spec.cores {
         if cores.is_empty() {
-            return Err(ApiError::invalid("cores", "must list at least one host CPU"));
+            return Err(ApiError::invalid(
+                "cores",
+                "must list at least one host CPU",
+            ));
         }
         if let Some(vcpus) = spec.vcpus {
             if vcpus as usize != cores.len() {
                 return Err(ApiError::invalid(
                     "cores",
-                    format!("{} CPU(s) for {vcpus} vCPU(s): give one CPU per vCPU", cores.len()),
+                    format!(
+                        "{} CPU(s) for {vcpus} vCPU(s): give one CPU per vCPU",
+                        cores.len()
+                    ),
                 ));
             }
         }
@@ -523,7 +544,10 @@ async fn swap_model(
     JsonBody(swap): JsonBody<ModelSwap>,
 ) -> Result<Response, ApiError> {
     if swap.model.is_empty() {
-        return Err(ApiError::invalid("model", "must name a model or a GGUF file"));
+        return Err(ApiError::invalid(
+            "model",
+            "must name a model or a GGUF file",
+        ));
     }
     if swap.context_length == Some(0) {
         return Err(ApiError::invalid("context_length", "must be at least 1"));
@@ -536,7 +560,12 @@ async fn swap_model(
 }
 
 async fn list_models(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let models = ask(&state, state.options.control_timeout, ApiRequest::ListModels).await?;
+    let models = ask(
+        &state,
+        state.options.control_timeout,
+        ApiRequest::ListModels,
+    )
+    .await?;
     Ok(ok(&models))
 }
 
@@ -574,7 +603,10 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
 pub fn check_sampling(sampling: &Sampling, prefix: &str) -> Result<(), ApiError> {
     let field = |name: &str| format!("{prefix}{name}");
     if !(sampling.temperature.is_finite() && sampling.temperature >= 0.0) {
-        return Err(ApiError::invalid(&field("temperature"), "must be a number >= 0"));
+        return Err(ApiError::invalid(
+            &field("temperature"),
+            "must be a number >= 0",
+        ));
     }
     if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
         return Err(ApiError::invalid(&field("top_p"), "must be in (0, 1]"));
@@ -583,7 +615,10 @@ pub fn check_sampling(sampling: &Sampling, prefix: &str) -> Result<(), ApiError>
         return Err(ApiError::invalid(&field("min_p"), "must be in [0, 1]"));
     }
     if !(sampling.repeat_penalty.is_finite() && sampling.repeat_penalty > 0.0) {
-        return Err(ApiError::invalid(&field("repeat_penalty"), "must be a number > 0"));
+        return Err(ApiError::invalid(
+            &field("repeat_penalty"),
+            "must be a number > 0",
+        ));
     }
     Ok(())
 }
@@ -592,8 +627,11 @@ fn check_stop(stop: &[String]) -> Result<(), ApiError> {
     if stop.len() > 4 {
         return Err(ApiError::invalid("stop", "at most 4 stop strings"));
     }
-    if stop.iter().any(|s| s.is_empty() || s.len() > 256) {
-        return Err(ApiError::invalid("stop", "each stop string must be 1 to 256 bytes"));
+    if stop.iter().any(|s| s.is_empty() || s.chars().count() > 256) {
+        return Err(ApiError::invalid(
+            "stop",
+            "each stop string must be 1 to 256 characters",
+        ));
     }
     Ok(())
 }
@@ -652,13 +690,19 @@ fn native_event(event: StreamEvent) -> (Vec<Bytes>, bool) {
     let data = data.unwrap_or_else(|error| {
         format!("{{\"error\":{{\"code\":\"internal\",\"message\":\"cannot encode an event: {error}\",\"param\":null,\"type\":\"server_error\"}}}}")
     });
-    (vec![Bytes::from(format!("event: {name}\ndata: {data}\n\n"))], last)
+    (
+        vec![Bytes::from(format!("event: {name}\ndata: {data}\n\n"))],
+        last,
+    )
 }
 
 fn sse_response(body: Body) -> Response {
     let mut response = Response::new(body);
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
@@ -730,7 +774,10 @@ fn openai_common(
     stream_options: Option<openai::StreamOptions>,
 ) -> Result<OpenAiCommon, ApiError> {
     if n.is_some_and(|n| n != 1) {
-        return Err(ApiError::unsupported("n", "only one choice per request (n = 1)"));
+        return Err(ApiError::unsupported(
+            "n",
+            "only one choice per request (n = 1)",
+        ));
     }
     if presence_penalty.is_some_and(|p| p != 0.0) {
         return Err(ApiError::unsupported(
@@ -746,7 +793,10 @@ fn openai_common(
     }
     let stream = stream.unwrap_or(false);
     if stream_options.is_some() && !stream {
-        return Err(ApiError::invalid("stream_options", "only with stream: true"));
+        return Err(ApiError::invalid(
+            "stream_options",
+            "only with stream: true",
+        ));
     }
     // OpenAI's defaults: temperature 1 and no truncation but top_p.
     let sampling = Sampling {
@@ -782,7 +832,12 @@ fn usage(result: &CompletionResult) -> openai::Usage {
 }
 
 async fn openai_models(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let partitions = ask(&state, state.options.control_timeout, ApiRequest::ListPartitions).await?;
+    let partitions = ask(
+        &state,
+        state.options.control_timeout,
+        ApiRequest::ListPartitions,
+    )
+    .await?;
     let created = unix_time();
     let mut data = Vec::new();
     let mut push = |id: &str| {
@@ -818,10 +873,16 @@ async fn openai_completion(
         return Err(ApiError::unsupported("best_of", "only best_of = 1"));
     }
     if request.logprobs.is_some() {
-        return Err(ApiError::unsupported("logprobs", "log probabilities are not returned"));
+        return Err(ApiError::unsupported(
+            "logprobs",
+            "log probabilities are not returned",
+        ));
     }
     if request.suffix.is_some() {
-        return Err(ApiError::unsupported("suffix", "insertion (suffix) is not supported"));
+        return Err(ApiError::unsupported(
+            "suffix",
+            "insertion (suffix) is not supported",
+        ));
     }
     let common = openai_common(
         request.temperature,
@@ -839,7 +900,10 @@ async fn openai_completion(
     )?;
     let mut prompts = request.prompt.into_vec();
     if prompts.len() != 1 {
-        return Err(ApiError::unsupported("prompt", "exactly one prompt per request"));
+        return Err(ApiError::unsupported(
+            "prompt",
+            "exactly one prompt per request",
+        ));
     }
     let prompt = prompts.remove(0);
     if prompt.is_empty() {
@@ -973,7 +1037,10 @@ async fn openai_chat_completion(
     JsonBody(request): JsonBody<openai::ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     if request.logprobs == Some(true) {
-        return Err(ApiError::unsupported("logprobs", "log probabilities are not returned"));
+        return Err(ApiError::unsupported(
+            "logprobs",
+            "log probabilities are not returned",
+        ));
     }
     let common = openai_common(
         request.temperature,
@@ -990,7 +1057,10 @@ async fn openai_chat_completion(
         request.stream_options,
     )?;
     if request.messages.is_empty() {
-        return Err(ApiError::invalid("messages", "must hold at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "must hold at least one message",
+        ));
     }
     let mut turns = Vec::with_capacity(request.messages.len());
     for (i, message) in request.messages.into_iter().enumerate() {
@@ -1037,27 +1107,26 @@ async fn openai_chat_completion(
     let created = unix_time();
     let model = completion.model.clone();
     if common.stream {
-        let chunk = move |delta: openai::Delta,
-                          finish: Option<String>,
-                          usage: Option<openai::Usage>| {
-            openai::ChatCompletionChunk {
-                id: id.clone(),
-                object: "chat.completion.chunk".into(),
-                created,
-                model: model.clone(),
-                choices: if usage.is_some() {
-                    Vec::new()
-                } else {
-                    vec![openai::ChatChunkChoice {
-                        index: 0,
-                        delta,
-                        logprobs: None,
-                        finish_reason: finish,
-                    }]
-                },
-                usage,
-            }
-        };
+        let chunk =
+            move |delta: openai::Delta, finish: Option<String>, usage: Option<openai::Usage>| {
+                openai::ChatCompletionChunk {
+                    id: id.clone(),
+                    object: "chat.completion.chunk".into(),
+                    created,
+                    model: model.clone(),
+                    choices: if usage.is_some() {
+                        Vec::new()
+                    } else {
+                        vec![openai::ChatChunkChoice {
+                            index: 0,
+                            delta,
+                            logprobs: None,
+                            finish_reason: finish,
+                        }]
+                    },
+                    usage,
+                }
+            };
         let include_usage = common.include_usage;
         let mut first = true;
         let frames = move |event: StreamEvent| -> (Vec<Bytes>, bool) {

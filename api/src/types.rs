@@ -2,10 +2,11 @@
 //! daemon behind it and the client. Requests reject unknown fields; every
 //! type here has a schema of the same name in `api/openapi.yaml`.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// `POST /partitions`: what a new partition gets and runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PartitionSpec {
     /// Name of the partition: 1 to 63 characters of `a-z 0-9 - _`, starting
@@ -40,7 +41,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PartitionState {
     Stopped,
@@ -73,7 +74,7 @@ impl PartitionState {
 }
 
 /// `GET /partitions/{id}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PartitionInfo {
     pub id: String,
     pub state: PartitionState,
@@ -98,7 +99,7 @@ pub struct PartitionInfo {
     pub counters: PartitionCounters,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PartitionCounters {
     /// Completions finished (any outcome).
     pub requests: u64,
@@ -117,7 +118,7 @@ pub struct PartitionCounters {
 /// `PUT /partitions/{id}/model`: load another model into a partition. The
 /// old model keeps serving until the new one is ready; if it cannot be
 /// loaded the swap is refused and the old one stays.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSwap {
     pub model: String,
@@ -127,7 +128,7 @@ pub struct ModelSwap {
 }
 
 /// `POST /models`: make a GGUF file known under a name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelRegistration {
     /// 1 to 63 characters of `a-z A-Z 0-9 - _ .`.
@@ -137,7 +138,7 @@ pub struct ModelRegistration {
 }
 
 /// `GET /models`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ModelInfo {
     pub name: String,
     pub path: String,
@@ -159,7 +160,7 @@ pub struct ModelInfo {
 }
 
 /// Sampling parameters of a completion (the engine's; see `aivmm run --help`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Sampling {
     /// 0 is greedy.
@@ -226,7 +227,7 @@ impl Default for Sampling {
 }
 
 /// `POST /partitions/{id}/completions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     /// The whole context (special tokens such as `<start_of_turn>` are recognised).
@@ -238,7 +239,7 @@ pub struct CompletionRequest {
     pub max_tokens: u32,
     #[serde(default)]
     pub sampling: Sampling,
-    /// Stop before any of these strings (at most 4, each 1 to 256 bytes).
+    /// Stop before any of these strings (at most 4, each 1 to 256 characters).
     #[serde(default)]
     pub stop: Vec<String>,
     /// Keep generating after end-of-generation tokens (benchmarks).
@@ -255,7 +256,7 @@ impl CompletionRequest {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// An end-of-generation token or a stop string.
@@ -269,7 +270,7 @@ pub enum FinishReason {
 }
 
 /// The end of a completion: its text and how it went.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CompletionResult {
     pub partition: String,
     pub model: String,
@@ -294,14 +295,14 @@ pub struct CompletionResult {
 /// One server-sent event of a streamed `POST /partitions/{id}/completions`:
 /// `event: token` with a [`TokenEvent`], then `event: done` with a
 /// [`CompletionResult`], or `event: error` with an [`ErrorBody`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TokenEvent {
     /// Text of the token (may be empty while a UTF-8 character is incomplete).
     pub text: String,
 }
 
 /// `GET /health`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Health {
     pub status: String,
     pub partitions: u64,
@@ -310,7 +311,7 @@ pub struct Health {
 }
 
 /// `GET /version`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Version {
     pub version: String,
     /// Version of this API (paths and schemas).
@@ -320,13 +321,13 @@ pub struct Version {
 }
 
 /// `GET /stats`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Stats {
     pub uptime_secs: f64,
     pub partitions: Vec<PartitionStats>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PartitionStats {
     pub id: String,
     pub state: PartitionState,
@@ -343,7 +344,7 @@ pub struct PartitionStats {
 }
 
 /// Percentiles over the recent window (the last 4096 values).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Percentiles {
     pub count: u64,
     pub p50: f64,
@@ -353,12 +354,12 @@ pub struct Percentiles {
 }
 
 /// Every error: `{"error": {...}}`, the shape OpenAI clients understand.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorDetail {
     /// Stable, machine-readable: see [`crate::ErrorCode`].
     pub code: String,

@@ -309,6 +309,18 @@ fn serve(
     let max_tokens = header.max_tokens as usize;
     let n_ctx = session.limits().n_ctx;
     let n_context = context.len();
+    if n_context > n_ctx {
+        send_error(
+            device,
+            id,
+            abi::ERROR_BAD_REQUEST,
+            &format!(
+                "the prompt is {n_context} tokens and the partition's context holds {n_ctx}: \
+                 shorten the prompt or give the partition a longer context"
+            ),
+        );
+        return None;
+    }
     let generate_request = GenerateRequest {
         prompt: &context,
         max_tokens,
