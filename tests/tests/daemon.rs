@@ -1112,6 +1112,7 @@ fn schemathesis_finds_no_server_error_and_no_crash() {
         .args(["--request-timeout", "120", "--workers", "1"])
         .arg("--report-dir")
         .arg(&report)
+        .current_dir(&daemon.dir)
         .env("NO_COLOR", "1")
         .env("SCHEMATHESIS_TELEMETRY", "false")
         .output()
