@@ -7,6 +7,7 @@ pub mod cli;
 pub mod manager;
 pub mod metrics;
 pub mod models;
+pub mod state;
 pub mod stop_strings;
 pub mod worker;
 
@@ -17,6 +18,8 @@ use aivmm_api::server::{self, ServerOptions};
 use aivmm_api::socket::{self, SocketError};
 use aivmm_api::types::Version;
 use clap::Args;
+
+use crate::host::{Placer, Topology};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -39,6 +42,21 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Host CPUs kept for the host, never given to partitions (with their SMT
+    /// siblings): a CPU list such as "0" or "0-1,8" (default: none).
+    #[arg(long, value_parser = parse_host_cpus)]
+    pub host_cpus: Option<Vec<usize>>,
+    /// Where the partitions are saved, to be restored when the daemon starts
+    /// again (default: beside --api-sock, e.g. /run/aivmm.state.json).
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+    /// Read the host topology under this directory instead of / (tests).
+    #[arg(long, default_value = "/", hide = true)]
+    pub sysfs_root: PathBuf,
+}
+
+fn parse_host_cpus(text: &str) -> Result<Vec<usize>, String> {
+    crate::host::topology::parse_cpulist(text)
 }
 
 fn parse_named_model(text: &str) -> Result<(String, PathBuf), String> {
@@ -75,6 +93,14 @@ pub enum ServeError {
     Runtime(#[source] std::io::Error),
     #[error("cannot start the partition manager")]
     Manager(#[source] std::io::Error),
+    #[error("cannot read the host topology")]
+    Topology(#[from] crate::host::TopologyError),
+    #[error("--host-cpus: {0}")]
+    HostCpus(crate::host::PlacementError),
+    #[error("cannot read the daemon's CPU affinity")]
+    Affinity(#[source] std::io::Error),
+    #[error(transparent)]
+    State(#[from] state::StateError),
 }
 
 fn read_token(path: &Path) -> Result<String, ServeError> {
@@ -92,7 +118,9 @@ fn read_token(path: &Path) -> Result<String, ServeError> {
 fn default_model_dir() -> Option<PathBuf> {
     let cache = std::env::var_os("AIVMM_CACHE")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/aivmm")))?;
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/aivmm"))
+        })?;
     Some(cache.join("models"))
 }
 
@@ -106,12 +134,21 @@ pub fn cmd_serve(args: ServeArgs) -> Result<(), ServeError> {
         (_, Some(path)) => Some(read_token(path)?),
         (None, None) => None,
     };
+    let mut placer = Placer::new(Topology::discover(&args.sysfs_root)?);
+    placer
+        .reserve_for_host(args.host_cpus.as_deref().unwrap_or_default())
+        .map_err(ServeError::HostCpus)?;
+    placer.restrict_to(&crate::run::allowed_cpus().map_err(ServeError::Affinity)?);
+    let state_file = args
+        .state_file
+        .clone()
+        .unwrap_or_else(|| state::default_path(&args.api_sock));
     let api_socket = socket::bind(&args.api_sock)?;
     let model_dir = args.model_dir.clone().or_else(default_model_dir);
     let registry = models::ModelRegistry::new(model_dir.as_deref(), &args.models);
 
     let (requests, inbox) = tokio::sync::mpsc::unbounded_channel();
-    let manager = manager::Manager::new(registry);
+    let manager = manager::Manager::new(registry, placer, Some(state_file))?;
     let manager_thread = std::thread::Builder::new()
         .name("partition-manager".into())
         .spawn(move || manager.run(inbox))
@@ -140,7 +177,10 @@ pub fn cmd_serve(args: ServeArgs) -> Result<(), ServeError> {
             .map_err(ServeError::Runtime)?;
         let unix = std::sync::Arc::new(
             tokio::net::UnixListener::from_std(
-                api_socket.listener.try_clone().map_err(ServeError::Runtime)?,
+                api_socket
+                    .listener
+                    .try_clone()
+                    .map_err(ServeError::Runtime)?,
             )
             .map_err(ServeError::Runtime)?,
         );
@@ -197,7 +237,10 @@ pub fn cmd_serve(args: ServeArgs) -> Result<(), ServeError> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the daemon runs until killed.
         std::future::pending::<()>().await;
         return;
