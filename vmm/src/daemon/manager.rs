@@ -448,6 +448,7 @@ impl Manager {
     }
 
     fn swap(&mut self, id: &str, swap: ModelSwap, reply: Reply<PartitionInfo>) {
+        self.reap();
         let result = (|| {
             let (current, memory_mib) = {
                 let handle = self.handle_of(id)?;

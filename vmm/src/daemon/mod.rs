@@ -44,8 +44,8 @@ pub struct ServeArgs {
     pub max_body_bytes: usize,
     /// Host CPUs kept for the host, never given to partitions (with their SMT
     /// siblings): a CPU list such as "0" or "0-1,8" (default: none).
-    #[arg(long, value_parser = parse_host_cpus)]
-    pub host_cpus: Option<Vec<usize>>,
+    #[arg(long)]
+    pub host_cpus: Option<String>,
     /// Where the partitions are saved, to be restored when the daemon starts
     /// again (default: beside --api-sock, e.g. /run/aivmm.state.json).
     #[arg(long)]
@@ -53,10 +53,6 @@ pub struct ServeArgs {
     /// Read the host topology under this directory instead of / (tests).
     #[arg(long, default_value = "/", hide = true)]
     pub sysfs_root: PathBuf,
-}
-
-fn parse_host_cpus(text: &str) -> Result<Vec<usize>, String> {
-    crate::host::topology::parse_cpulist(text)
 }
 
 fn parse_named_model(text: &str) -> Result<(String, PathBuf), String> {
@@ -96,7 +92,7 @@ pub enum ServeError {
     #[error("cannot read the host topology")]
     Topology(#[from] crate::host::TopologyError),
     #[error("--host-cpus: {0}")]
-    HostCpus(crate::host::PlacementError),
+    HostCpus(String),
     #[error("cannot read the daemon's CPU affinity")]
     Affinity(#[source] std::io::Error),
     #[error(transparent)]
@@ -135,9 +131,13 @@ pub fn cmd_serve(args: ServeArgs) -> Result<(), ServeError> {
         (None, None) => None,
     };
     let mut placer = Placer::new(Topology::discover(&args.sysfs_root)?);
+    let host_cpus = match &args.host_cpus {
+        Some(list) => crate::host::topology::parse_cpulist(list).map_err(ServeError::HostCpus)?,
+        None => Vec::new(),
+    };
     placer
-        .reserve_for_host(args.host_cpus.as_deref().unwrap_or_default())
-        .map_err(ServeError::HostCpus)?;
+        .reserve_for_host(&host_cpus)
+        .map_err(|error| ServeError::HostCpus(error.to_string()))?;
     placer.restrict_to(&crate::run::allowed_cpus().map_err(ServeError::Affinity)?);
     let state_file = args
         .state_file
@@ -248,5 +248,35 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn placement_and_state_options_parse() {
+        let args = Command::try_parse_from([
+            "serve",
+            "--host-cpus",
+            "0-1,4",
+            "--state-file",
+            "/tmp/s.json",
+        ])
+        .unwrap()
+        .serve;
+        assert_eq!(args.host_cpus.as_deref(), Some("0-1,4"));
+        assert_eq!(args.state_file.as_deref(), Some(Path::new("/tmp/s.json")));
+        let args = Command::try_parse_from(["serve"]).unwrap().serve;
+        assert_eq!((args.host_cpus, args.state_file), (None, None));
+        assert_eq!(args.sysfs_root, Path::new("/"));
     }
 }
