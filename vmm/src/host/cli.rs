@@ -156,3 +156,64 @@ fn or_none(list: String) -> String {
         list
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::fixture;
+
+    fn run(name: &str, json: bool) -> String {
+        let args = TopologyArgs {
+            json,
+            sysfs_root: fixture(name),
+        };
+        let mut out = Vec::new();
+        cmd_topology(&args, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_table_shows_nodes_cores_isolation_and_devices() {
+        let table = run("isolated", false);
+        assert!(
+            table.starts_with(
+                "NUMA node 0: 8 cores, 15 CPUs; memory 31.2 GiB total, 28.6 GiB free; \
+             hugepages: 2 MiB 2000/2048 free, 1 GiB 2/2 free\n"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("  package 0 core 2    cpus 2,10        isolated\n"),
+            "{table}"
+        );
+        assert!(table.contains("  package 0 core 7    cpus 7\n"), "{table}");
+        assert!(table.contains("isolated CPUs: 2-5,10-13 (cpu/isolated: 2-5,10-13; nohz_full: 2-5,10-13; isolcpus=domain,managed_irq,2-5,10-13)\n"), "{table}");
+        assert!(table.contains("offline CPUs: 15\n"), "{table}");
+        assert!(
+            table.contains("  0000:00:1f.0  8086:7a06 060100 -    -            -\n"),
+            "{table}"
+        );
+        let table = run("two-socket-smt", false);
+        assert!(table.contains("NUMA node 1: 8 cores, 16 CPUs"), "{table}");
+        assert!(
+            table.contains("  0000:17:00.0  15b3:101d 020000 0    vfio-pci     21\n"),
+            "{table}"
+        );
+        let table = run("no-numa", false);
+        assert!(
+            table.starts_with("node (no NUMA) 0: 4 cores, 4 CPUs"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn the_json_is_the_topology() {
+        let json: serde_json::Value = serde_json::from_str(&run("four-node", true)).unwrap();
+        assert_eq!(json["nodes"].as_array().unwrap().len(), 4);
+        assert_eq!(json["cores"][10]["cpus"], serde_json::json!([20, 21]));
+        assert_eq!(json["cores"][10]["node"], 2);
+        assert_eq!(json["nodes"][3]["hugepages"][0]["free"], 768);
+        assert_eq!(json["pci_devices"][1]["driver"], "ice");
+        assert_eq!(json["numa"], true);
+    }
+}
