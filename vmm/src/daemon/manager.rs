@@ -48,6 +48,8 @@ pub struct Manager {
     deleting: Vec<Arc<Shared>>,
     /// Where the partitions are saved after every change (None: nowhere).
     state_file: Option<PathBuf>,
+    /// What the state file holds (None: unknown, write it).
+    last_saved: Option<SavedState>,
 }
 
 impl Manager {
@@ -71,6 +73,7 @@ impl Manager {
             placer,
             deleting: Vec::new(),
             state_file,
+            last_saved: None,
         };
         if let Some(saved) = saved {
             for partition in saved.partitions {
@@ -154,11 +157,20 @@ impl Manager {
         }
     }
 
-    /// Saves the partitions; a failure is reported, and the next change
-    /// tries again.
-    fn save(&self) {
-        if let Some(path) = &self.state_file {
-            if let Err(error) = state::save(path, &self.saved_state()) {
+    /// Saves the partitions if they changed since the last save (a finished
+    /// model swap counts); a failure is reported, and the next call tries
+    /// again.
+    fn save(&mut self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let state = self.saved_state();
+        if self.last_saved.as_ref() == Some(&state) {
+            return;
+        }
+        match state::save(path, &state) {
+            Ok(()) => self.last_saved = Some(state),
+            Err(error) => {
                 let cause = std::error::Error::source(&error)
                     .map(|source| format!(": {source}"))
                     .unwrap_or_default();
@@ -184,6 +196,7 @@ impl Manager {
     pub fn run(mut self, mut requests: UnboundedReceiver<ApiRequest>) {
         while let Some(request) = requests.blocking_recv() {
             self.handle(request);
+            self.save();
         }
         self.shutdown();
     }
