@@ -311,6 +311,9 @@ impl Manager {
                 ));
             }
             let model = self.models.resolve(&spec.model, "model")?;
+            if let Err(error) = self.placer.refresh_hugepages() {
+                eprintln!("aivmm serve: cannot read the hugepage pools again ({error}); placing with the counts read before");
+            }
             let mut plan = worker::plan(
                 model,
                 vcpus,

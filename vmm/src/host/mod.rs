@@ -27,3 +27,54 @@ pub(crate) fn fixture(name: &str) -> std::path::PathBuf {
         .join("../tests/fixtures/topology")
         .join(name)
 }
+
+/// A copy of a fixture tree to change.
+#[cfg(test)]
+pub(crate) struct Scratch(pub std::path::PathBuf);
+
+#[cfg(test)]
+impl Scratch {
+    pub fn of(name: &str, test: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("aivmm-host-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_tree(&fixture(name), &dir);
+        Scratch(dir)
+    }
+
+    pub fn write(&self, rel: &str, content: &str) -> std::path::PathBuf {
+        let path = self.0.join(rel);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    pub fn remove(&self, rel: &str) -> std::path::PathBuf {
+        let path = self.0.join(rel);
+        std::fs::remove_file(&path).unwrap();
+        path
+    }
+}
+
+#[cfg(test)]
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    use std::fs;
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(entry.path()).unwrap(), target).unwrap();
+        } else if kind.is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

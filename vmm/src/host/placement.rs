@@ -23,7 +23,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::topology::{format_cpulist, Core, Node, Topology};
+use super::topology::{format_cpulist, Core, Node, Topology, TopologyError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HugepageSize {
@@ -221,6 +221,38 @@ impl Placer {
 
     pub fn topology(&self) -> &Topology {
         &self.topology
+    }
+
+    /// Takes in hugepage pools resized since the topology was read: a pool
+    /// an operator grew by k pages has k more free pages, one shrunk by k
+    /// has k fewer (the kernel only ever removes free pages). What else
+    /// happened to the pools meanwhile is not seen: pages taken by other
+    /// programs than this daemon's partitions still count as free.
+    pub fn refresh_hugepages(&mut self) -> Result<(), TopologyError> {
+        for (id, pools) in self.topology.current_hugepages()? {
+            let Some(node) = self.topology.nodes.iter_mut().find(|node| node.id == id) else {
+                continue;
+            };
+            for pool in pools {
+                match node
+                    .hugepages
+                    .iter_mut()
+                    .find(|known| known.size_kib == pool.size_kib)
+                {
+                    Some(known) => {
+                        if pool.total >= known.total {
+                            known.free += pool.total - known.total;
+                        } else {
+                            known.free = known.free.saturating_sub(known.total - pool.total);
+                        }
+                        known.total = pool.total;
+                    }
+                    None => node.hugepages.push(pool),
+                }
+            }
+            node.hugepages.sort_by_key(|pool| pool.size_kib);
+        }
+        Ok(())
     }
 
     pub fn allocations(&self) -> &BTreeMap<String, Placement> {
@@ -1194,6 +1226,37 @@ mod tests {
             .place("c", &hugepages(vcpus(1, 2 * GIB), HugepageSize::OneGiB))
             .unwrap();
         assert_eq!(huge.hugepages.unwrap().pages, 2);
+    }
+
+    #[test]
+    fn hugepages_reserved_after_the_start_are_seen() {
+        let scratch = crate::host::Scratch::of("isolated", "refresh");
+        let pool = "sys/devices/system/node/node0/hugepages/hugepages-2048kB";
+        let mut p = Placer::new(Topology::discover(&scratch.0).unwrap());
+        let request = hugepages(vcpus(1, 3 * GIB), HugepageSize::TwoMiB);
+        p.place("a", &hugepages(vcpus(1, 2 * GIB), HugepageSize::TwoMiB))
+            .unwrap();
+        // 2000 free at the start, 1024 taken: 976 left, 1536 needed.
+        let error = refusal(&mut p, "b", request.clone()).to_string();
+        assert!(
+            error.contains("976 free, the partition needs 1536"),
+            "{error}"
+        );
+        // The operator adds 600 pages (the kernel shows them free, and a's
+        // pages as used once a has booted).
+        scratch.write(&format!("{pool}/nr_hugepages"), "2648\n");
+        scratch.write(&format!("{pool}/free_hugepages"), "1576\n");
+        p.refresh_hugepages().unwrap();
+        assert_eq!(
+            p.place("b", &request).unwrap().hugepages.unwrap().pages,
+            1536
+        );
+        // Shrinking the pool takes free pages away.
+        scratch.write(&format!("{pool}/nr_hugepages"), "2048\n");
+        p.refresh_hugepages().unwrap();
+        p.release("b").unwrap();
+        let error = refusal(&mut p, "b", request).to_string();
+        assert!(error.contains("976 free"), "{error}");
     }
 
     #[test]

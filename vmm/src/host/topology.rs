@@ -107,6 +107,9 @@ pub struct Topology {
     pub isolation: Isolation,
     /// Sorted by address.
     pub pci_devices: Vec<PciDevice>,
+    /// Where it was read from ("/" for this machine).
+    #[serde(skip)]
+    pub root: PathBuf,
 }
 
 /// The largest CPU number a list may name (the kernel's NR_CPUS tops out at 8192).
@@ -299,7 +302,25 @@ impl Topology {
             numa,
             isolation,
             pci_devices: read_pci_devices(&root.join("sys/bus/pci/devices"))?,
+            root: root.to_path_buf(),
         })
+    }
+
+    /// The hugepage pools of each node as they are now (the rest of the
+    /// topology does not change while the machine runs; the pools do).
+    pub fn current_hugepages(&self) -> Result<Vec<(u32, Vec<HugepagePool>)>, TopologyError> {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let dir = if self.numa {
+                    self.root
+                        .join(format!("sys/devices/system/node/node{}/hugepages", node.id))
+                } else {
+                    self.root.join("sys/kernel/mm/hugepages")
+                };
+                Ok((node.id, read_hugepage_pools(&dir)?))
+            })
+            .collect()
     }
 
     pub fn cpu(&self, id: usize) -> Option<&Cpu> {
@@ -635,7 +656,7 @@ fn dir_names(dir: &Path) -> Result<Vec<String>, TopologyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::fixture;
+    use crate::host::{fixture, Scratch};
 
     fn discover(name: &str) -> Topology {
         Topology::discover(&fixture(name)).unwrap_or_else(|error| panic!("fixture {name}: {error}"))
@@ -827,57 +848,6 @@ mod tests {
         assert_eq!(in_cores, t.cpus.len());
     }
 
-    /// A copy of a fixture tree to break.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn of(name: &str, test: &str) -> Scratch {
-            let dir =
-                std::env::temp_dir().join(format!("aivmm-topology-{}-{test}", std::process::id()));
-            let _ = fs::remove_dir_all(&dir);
-            copy_tree(&fixture(name), &dir);
-            Scratch(dir)
-        }
-
-        fn write(&self, rel: &str, content: &str) -> PathBuf {
-            let path = self.0.join(rel);
-            fs::write(&path, content).unwrap();
-            path
-        }
-
-        fn remove(&self, rel: &str) -> PathBuf {
-            let path = self.0.join(rel);
-            fs::remove_file(&path).unwrap();
-            path
-        }
-
-        fn error(&self) -> String {
-            Topology::discover(&self.0).unwrap_err().to_string()
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn copy_tree(from: &Path, to: &Path) {
-        fs::create_dir_all(to).unwrap();
-        for entry in fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            let kind = entry.file_type().unwrap();
-            if kind.is_symlink() {
-                std::os::unix::fs::symlink(fs::read_link(entry.path()).unwrap(), target).unwrap();
-            } else if kind.is_dir() {
-                copy_tree(&entry.path(), &target);
-            } else {
-                fs::copy(entry.path(), target).unwrap();
-            }
-        }
-    }
-
     #[test]
     fn errors_name_the_missing_or_malformed_file() {
         let cases: [(&str, &str, Option<&str>, &str); 7] = [
@@ -930,7 +900,7 @@ mod tests {
                 Some(content) => scratch.write(rel, content),
                 None => scratch.remove(rel),
             };
-            let error = scratch.error();
+            let error = Topology::discover(&scratch.0).unwrap_err().to_string();
             assert!(
                 error.contains(&path.display().to_string()) && error.contains(why),
                 "{test}: {error}"
@@ -942,7 +912,7 @@ mod tests {
     fn inconsistent_trees_are_refused() {
         let scratch = Scratch::of("two-socket-smt", "unlisted");
         scratch.write("sys/devices/system/node/node1/cpulist", "8-15,24-30\n");
-        let error = scratch.error();
+        let error = Topology::discover(&scratch.0).unwrap_err().to_string();
         assert!(
             error.contains("CPU 31 is online but no nodeN/cpulist lists it"),
             "{error}"
@@ -953,7 +923,7 @@ mod tests {
             "sys/devices/system/cpu/cpu19/topology/core_cpus_list",
             "4,19\n",
         );
-        let error = scratch.error();
+        let error = Topology::discover(&scratch.0).unwrap_err().to_string();
         assert!(error.contains("SMT siblings"), "{error}");
     }
 }
