@@ -681,9 +681,18 @@ impl Manager {
 /// it cannot exist on this host.
 fn placement_error(id: &str, error: PlacementError) -> ApiError {
     if error.is_exhaustion() {
+        let hint = match &error {
+            PlacementError::OutOfCores(_) => "delete a partition or ask for fewer vCPUs",
+            PlacementError::OutOfMemory(why) if why.contains("hugepages") => {
+                "delete a partition, ask for less memory, or reserve more hugepages on the node \
+                 (/sys/devices/system/node/nodeN/hugepages/hugepages-2048kB/nr_hugepages)"
+            }
+            PlacementError::OutOfMemory(_) => "delete a partition or ask for less memory",
+            _ => "pick other cores, or leave out `cores` to let the daemon choose",
+        };
         return ApiError::new(
             ErrorCode::ResourcesExhausted,
-            format!("cannot place partition {id}: {error}"),
+            format!("cannot place partition {id}: {error}; {hint}"),
         );
     }
     let param = match &error {
