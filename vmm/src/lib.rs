@@ -2,6 +2,7 @@
 
 pub mod daemon;
 pub mod guest_image;
+pub mod host;
 pub mod host_engine;
 pub mod inference;
 pub mod model_store;

@@ -4,8 +4,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use aivmm::host_engine::{print_summary, HostEngine, HostOptions, MappedModel};
 use aivmm::daemon::cli::{self, ClientArgs, CompleteArgs, ModelCommand, PartitionCommand};
+use aivmm::host_engine::{print_summary, HostEngine, HostOptions, MappedModel};
 use aivmm::model_store;
 use aivmm_engine::chat::ChatTemplate;
 use aivmm_engine::quant::{Kernels, SimdLevel};
@@ -65,6 +65,9 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// What this host offers partitions: cores with their SMT siblings, NUMA
+    /// nodes with memory and hugepages, isolated CPUs, PCI devices.
+    Topology(aivmm::host::cli::TopologyArgs),
 }
 
 #[derive(Args, Clone)]
@@ -161,11 +164,16 @@ fn main() -> ExitCode {
         Command::Generate(args) => cmd_generate(args),
         Command::Run(args) => aivmm::run::cmd_run(args).map_err(Into::into),
         Command::Serve(args) => aivmm::daemon::cmd_serve(args).map_err(Into::into),
-        Command::Partition { client, command } => cli::partition(&client, &command).map_err(Into::into),
+        Command::Partition { client, command } => {
+            cli::partition(&client, &command).map_err(Into::into)
+        }
         Command::Model { client, command } => cli::model(&client, &command).map_err(Into::into),
         Command::Complete { client, args } => cli::complete(&client, &args).map_err(Into::into),
         Command::Stats { client } => cli::stats(&client).map_err(Into::into),
         Command::Health { client } => cli::health(&client).map_err(Into::into),
+        Command::Topology(args) => {
+            aivmm::host::cli::cmd_topology(&args, &mut std::io::stdout().lock()).map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,8 +4,8 @@
 //! partition's worker; nothing slow (a boot, a completion) runs here, so
 //! listing and telemetry answer at once while partitions boot or generate.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -20,9 +20,10 @@ use aivmm_api::{ApiError, ErrorCode};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::metrics::{self, MetricsRow};
-use super::models::ModelRegistry;
-use super::worker::{self, Shared, Worker, WorkerMessage};
-use crate::run::{allowed_cpus, online_cpus};
+use super::models::{self, ModelRegistry};
+use super::state::{self, SavedPartition, SavedState, StateError};
+use super::worker::{self, BootPlan, Shared, Worker, WorkerMessage};
+use crate::host::{HugepageSize, PlacementError, PlacementRequest, Placer};
 
 /// Completions a partition holds (running and waiting) before it answers
 /// `queue_full`.
@@ -32,33 +33,179 @@ struct Handle {
     shared: Arc<Shared>,
     outbox: mpsc::Sender<WorkerMessage>,
     thread: Option<JoinHandle<()>>,
+    /// Started through the API and not stopped since: what a restart of the
+    /// daemon brings back.
+    wants_running: bool,
 }
 
 pub struct Manager {
     partitions: BTreeMap<String, Handle>,
     models: ModelRegistry,
     started: Instant,
+    placer: Placer,
+    /// Deleted partitions whose worker has not yet stopped them: their CPUs
+    /// and memory stay taken until it has.
+    deleting: Vec<Arc<Shared>>,
+    /// Where the partitions are saved after every change (None: nowhere).
+    state_file: Option<PathBuf>,
+    /// What the state file holds (None: unknown, write it).
+    last_saved: Option<SavedState>,
 }
 
 impl Manager {
-    pub fn new(models: ModelRegistry) -> Manager {
-        Manager {
+    /// A manager placing partitions with `placer`. With a state file, the
+    /// partitions saved there are restored: those whose model, CPUs, node and
+    /// memory are still there come back (booted again if they were running);
+    /// the others are skipped, with the reason on stderr.
+    pub fn new(
+        models: ModelRegistry,
+        placer: Placer,
+        state_file: Option<PathBuf>,
+    ) -> Result<Manager, StateError> {
+        let saved = match &state_file {
+            Some(path) => state::load(path)?,
+            None => None,
+        };
+        let mut manager = Manager {
             partitions: BTreeMap::new(),
             models,
             started: Instant::now(),
+            placer,
+            deleting: Vec::new(),
+            state_file,
+            last_saved: None,
+        };
+        if let Some(saved) = saved {
+            for partition in saved.partitions {
+                let id = partition.spec.id.clone();
+                match manager.restore(&partition) {
+                    Ok(()) => eprintln!(
+                        "aivmm serve: restored partition {id} on host CPUs {:?}{}",
+                        partition.placement.host_cpus,
+                        if partition.running {
+                            ", booting it"
+                        } else {
+                            ""
+                        }
+                    ),
+                    Err(why) => eprintln!(
+                        "aivmm serve: not restoring partition {id}: {why} (it was {})",
+                        serde_json::to_string(&partition).unwrap_or_default()
+                    ),
+                }
+            }
+            manager.save();
         }
+        Ok(manager)
+    }
+
+    /// Brings back one saved partition, or says why it cannot be.
+    fn restore(&mut self, saved: &SavedPartition) -> Result<(), String> {
+        let id = &saved.spec.id;
+        validate_partition_id(id)?;
+        if self.partitions.contains_key(id) {
+            return Err("the state file has it twice".into());
+        }
+        let model = models::describe(&saved.model_name, Path::new(&saved.model_path))
+            .map_err(|error| error.message)?;
+        let mut plan = worker::plan(
+            model,
+            saved.placement.host_cpus.len() as u32,
+            saved.spec.memory_mib,
+            saved.spec.hugepages,
+            Some(saved.context_length),
+        )
+        .map_err(|error| error.message)?;
+        self.placer.restore(id, &saved.placement)?;
+        if plan.memory_bytes != saved.placement.memory_bytes {
+            // This daemon sizes the model differently from the one that saved it.
+            if let Err(error) = self.placer.resize_memory(id, plan.memory_bytes) {
+                let _ = self.placer.release(id);
+                return Err(error.to_string());
+            }
+        }
+        plan.host_cpus = saved.placement.host_cpus.clone();
+        plan.numa_node = Some(saved.placement.node);
+        if let Err(error) = self.spawn(saved.spec.clone(), plan, saved.running, None) {
+            let _ = self.placer.release(id);
+            return Err(error.message);
+        }
+        Ok(())
+    }
+
+    /// What the state file holds now.
+    fn saved_state(&self) -> SavedState {
+        let partitions = self
+            .partitions
+            .iter()
+            .filter_map(|(id, handle)| {
+                let placement = self.placer.allocations().get(id)?.clone();
+                let status = handle.shared.status();
+                Some(SavedPartition {
+                    spec: handle.shared.spec.clone(),
+                    model_name: status.plan.model.name.clone(),
+                    model_path: status.plan.model.path.clone(),
+                    context_length: status.plan.setup.n_ctx,
+                    placement,
+                    running: handle.wants_running,
+                })
+            })
+            .collect();
+        SavedState {
+            version: state::VERSION,
+            partitions,
+        }
+    }
+
+    /// Saves the partitions if they changed since the last save (a finished
+    /// model swap counts); a failure is reported, and the next call tries
+    /// again.
+    fn save(&mut self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let state = self.saved_state();
+        if self.last_saved.as_ref() == Some(&state) {
+            return;
+        }
+        match state::save(path, &state) {
+            Ok(()) => self.last_saved = Some(state),
+            Err(error) => {
+                let cause = std::error::Error::source(&error)
+                    .map(|source| format!(": {source}"))
+                    .unwrap_or_default();
+                eprintln!("aivmm serve: {error}{cause}");
+            }
+        }
+    }
+
+    /// Frees the placements of deleted partitions whose worker has stopped them.
+    fn reap(&mut self) {
+        let placer = &mut self.placer;
+        self.deleting.retain(|shared| {
+            if shared.ended.load(Ordering::SeqCst) {
+                let _ = placer.release(&shared.id);
+                false
+            } else {
+                true
+            }
+        });
     }
 
     /// Serves requests until every sender is gone, then stops every partition.
     pub fn run(mut self, mut requests: UnboundedReceiver<ApiRequest>) {
         while let Some(request) = requests.blocking_recv() {
             self.handle(request);
+            self.save();
         }
         self.shutdown();
     }
 
-    /// Stops every partition and waits for their workers.
+    /// Stops every partition and waits for their workers. The state file
+    /// keeps them (with the model each serves now), for the next start.
     pub fn shutdown(&mut self) {
+        self.save();
+        self.state_file = None;
         let ids: Vec<String> = self.partitions.keys().cloned().collect();
         for id in ids {
             let (reply, answer) = tokio::sync::oneshot::channel();
@@ -110,9 +257,9 @@ impl Manager {
     }
 
     fn handle_of(&self, id: &str) -> Result<&Handle, ApiError> {
-        self.partitions.get(id).ok_or_else(|| {
-            ApiError::new(ErrorCode::NotFound, format!("no partition {id:?}"))
-        })
+        self.partitions
+            .get(id)
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no partition {id:?}")))
     }
 
     fn health(&self) -> Health {
@@ -129,81 +276,8 @@ impl Manager {
         }
     }
 
-    /// Host CPUs held by partitions, and by which.
-    fn cpus_in_use(&self, except: Option<&str>) -> BTreeMap<usize, String> {
-        let mut used = BTreeMap::new();
-        for (id, handle) in &self.partitions {
-            if Some(id.as_str()) == except {
-                continue;
-            }
-            for &cpu in &handle.shared.status().plan.host_cpus {
-                used.insert(cpu, id.clone());
-            }
-        }
-        used
-    }
-
-    /// One host CPU per vCPU, none shared with another partition.
-    fn place(&self, spec: &PartitionSpec) -> Result<Vec<usize>, ApiError> {
-        let used = self.cpus_in_use(None);
-        let allowed: BTreeSet<usize> = allowed_cpus()
-            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("cannot read the daemon's CPU affinity: {e}")))?
-            .into_iter()
-            .collect();
-        let online: Option<BTreeSet<usize>> = online_cpus().map(|cpus| cpus.into_iter().collect());
-        let usable = |cpu: usize| allowed.contains(&cpu) && online.as_ref().is_none_or(|o| o.contains(&cpu));
-        let describe_use = || {
-            if used.is_empty() {
-                "none in use".to_string()
-            } else {
-                used.iter()
-                    .map(|(cpu, id)| format!("CPU {cpu} by {id}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }
-        };
-        if let Some(cores) = &spec.cores {
-            let mut seen = BTreeSet::new();
-            for &cpu in cores {
-                if !seen.insert(cpu) {
-                    return Err(ApiError::invalid("cores", format!("CPU {cpu} is listed twice")));
-                }
-                if !usable(cpu) {
-                    return Err(ApiError::invalid(
-                        "cores",
-                        format!("host CPU {cpu} is offline, missing or outside the daemon's CPU affinity"),
-                    ));
-                }
-                if let Some(owner) = used.get(&cpu) {
-                    return Err(ApiError::new(
-                        ErrorCode::ResourcesExhausted,
-                        format!("cores: host CPU {cpu} is already given to partition {owner}"),
-                    ));
-                }
-            }
-            return Ok(cores.clone());
-        }
-        let vcpus = spec.vcpus.unwrap_or(1) as usize;
-        let free: Vec<usize> = allowed
-            .iter()
-            .copied()
-            .filter(|&cpu| usable(cpu) && !used.contains_key(&cpu))
-            .collect();
-        if free.len() < vcpus {
-            return Err(ApiError::new(
-                ErrorCode::ResourcesExhausted,
-                format!(
-                    "not enough free host cores: partition {} needs {vcpus}, {} free ({}); delete a partition or ask for fewer vCPUs",
-                    spec.id,
-                    free.len(),
-                    describe_use()
-                ),
-            ));
-        }
-        Ok(free[..vcpus].to_vec())
-    }
-
     fn create(&mut self, spec: PartitionSpec, reply: Reply<PartitionInfo>) {
+        self.reap();
         let result = (|| {
             validate_partition_id(&spec.id).map_err(|why| ApiError::invalid("id", why))?;
             if self.partitions.contains_key(&spec.id) {
@@ -212,20 +286,59 @@ impl Manager {
                     format!("partition {} already exists", spec.id),
                 ));
             }
-            if let Some(vcpus) = spec.vcpus {
-                if vcpus == 0 || vcpus > aivmm_guest_abi::MAX_VCPUS {
-                    return Err(ApiError::invalid(
-                        "vcpus",
-                        format!("must be 1 to {}", aivmm_guest_abi::MAX_VCPUS),
-                    ));
-                }
+            if self.deleting.iter().any(|shared| shared.id == spec.id) {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "partition {} is still being deleted; retry in a moment",
+                        spec.id
+                    ),
+                ));
             }
-            if spec.numa_node.is_some_and(|node| node != 0) && !Path::new("/sys/devices/system/node").exists() {
-                return Err(ApiError::invalid("numa_node", "this host has no NUMA nodes but node 0"));
+            let vcpus = match &spec.cores {
+                Some(cores) => cores.len() as u32,
+                None => spec.vcpus.unwrap_or(1),
+            };
+            let param = if spec.cores.is_some() {
+                "cores"
+            } else {
+                "vcpus"
+            };
+            if vcpus == 0 || vcpus > aivmm_guest_abi::MAX_VCPUS {
+                return Err(ApiError::invalid(
+                    param,
+                    format!("must be 1 to {} vCPUs", aivmm_guest_abi::MAX_VCPUS),
+                ));
             }
             let model = self.models.resolve(&spec.model, "model")?;
-            let host_cpus = self.place(&spec)?;
-            worker::plan(model, host_cpus, spec.memory_mib, spec.hugepages, spec.context_length)
+            if let Err(error) = self.placer.refresh_hugepages() {
+                eprintln!("aivmm serve: cannot read the hugepage pools again ({error}); placing with the counts read before");
+            }
+            let mut plan = worker::plan(
+                model,
+                vcpus,
+                spec.memory_mib,
+                spec.hugepages,
+                spec.context_length,
+            )?;
+            let request = PlacementRequest {
+                vcpus: if spec.cores.is_some() {
+                    spec.vcpus
+                } else {
+                    Some(vcpus)
+                },
+                cores: spec.cores.clone(),
+                memory_bytes: plan.memory_bytes,
+                hugepages: spec.hugepages.then_some(HugepageSize::TwoMiB),
+                numa_node: spec.numa_node,
+            };
+            let placement = self
+                .placer
+                .place(&spec.id, &request)
+                .map_err(|error| placement_error(&spec.id, error))?;
+            plan.host_cpus = placement.host_cpus;
+            plan.numa_node = Some(placement.node);
+            Ok(plan)
         })();
         let plan = match result {
             Ok(plan) => plan,
@@ -234,50 +347,80 @@ impl Manager {
                 return;
             }
         };
+        let id = spec.id.clone();
+        let start = spec.start;
+        match self.spawn(spec, plan, start, Some(reply)) {
+            Ok(()) => self.save(),
+            Err(_) => {
+                // spawn answered the reply.
+                let _ = self.placer.release(&id);
+            }
+        }
+    }
+
+    /// Starts the worker of a placed partition, and boots it if `start`.
+    /// Answers `reply` (once booted, when starting); on an error, answers it
+    /// with the error too.
+    fn spawn(
+        &mut self,
+        spec: PartitionSpec,
+        plan: BootPlan,
+        start: bool,
+        reply: Option<Reply<PartitionInfo>>,
+    ) -> Result<(), ApiError> {
         let (outbox, inbox) = mpsc::channel();
-        let (worker, shared) = Worker::new(spec.id.clone(), spec.clone(), plan, inbox, outbox.clone());
+        let (worker, shared) =
+            Worker::new(spec.id.clone(), spec.clone(), plan, inbox, outbox.clone());
         let thread = match std::thread::Builder::new()
             .name(format!("partition-{}", spec.id))
             .spawn(move || worker.run())
         {
             Ok(thread) => thread,
             Err(error) => {
-                let _ = reply.send(Err(ApiError::new(
+                let error = ApiError::new(
                     ErrorCode::Internal,
                     format!("cannot start the partition's thread: {error}"),
-                )));
-                return;
+                );
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                return Err(error);
             }
         };
-        let start = spec.start;
         self.partitions.insert(
             spec.id.clone(),
             Handle {
                 shared: shared.clone(),
                 outbox: outbox.clone(),
                 thread: Some(thread),
+                wants_running: start,
             },
         );
         if start {
             shared.status().state = PartitionState::Starting;
-            if let Err(std::sync::mpsc::SendError(WorkerMessage::Start(Some(reply)))) =
-                outbox.send(WorkerMessage::Start(Some(reply)))
+            if let Err(mpsc::SendError(WorkerMessage::Start(Some(reply)))) =
+                outbox.send(WorkerMessage::Start(reply))
             {
                 let _ = reply.send(Err(worker_gone(&spec.id)));
             }
-        } else {
+        } else if let Some(reply) = reply {
             let _ = reply.send(Ok(shared.info()));
         }
+        Ok(())
     }
 
     fn action(&mut self, id: &str, action: PartitionAction, reply: Reply<PartitionInfo>) {
-        let handle = match self.handle_of(id) {
-            Ok(handle) => handle,
-            Err(error) => {
-                let _ = reply.send(Err(error));
-                return;
-            }
+        let Some(handle) = self.partitions.get_mut(id) else {
+            let _ = reply.send(Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no partition {id:?}"),
+            )));
+            return;
         };
+        let wants_running = action != PartitionAction::Stop;
+        let changed = handle.wants_running != wants_running;
+        handle.wants_running = wants_running;
+        let handle = &self.partitions[id];
         let message = match action {
             PartitionAction::Start => WorkerMessage::Start(Some(reply)),
             PartitionAction::Stop => {
@@ -290,6 +433,9 @@ impl Manager {
             }
         };
         send_or_fail(&handle.outbox, message, id);
+        if changed {
+            self.save();
+        }
     }
 
     fn delete(&mut self, id: &str, reply: Reply<()>) {
@@ -301,6 +447,8 @@ impl Manager {
             return;
         };
         handle.shared.interrupt.store(true, Ordering::SeqCst);
+        self.deleting.push(handle.shared.clone());
+        self.save();
         // The worker answers once the partition has stopped; its thread is
         // joined by a helper so that this thread never waits on a guest.
         if handle.outbox.send(WorkerMessage::Delete(reply)).is_err() {
@@ -316,6 +464,7 @@ impl Manager {
     }
 
     fn swap(&mut self, id: &str, swap: ModelSwap, reply: Reply<PartitionInfo>) {
+        self.reap();
         let result = (|| {
             let (current, memory_mib) = {
                 let handle = self.handle_of(id)?;
@@ -331,12 +480,30 @@ impl Manager {
                     n
                 }
             });
-            worker::plan(model, current.host_cpus, memory_mib, current.hugepages, context_length)
+            let mut plan = worker::plan(
+                model,
+                current.vcpus,
+                memory_mib,
+                current.hugepages,
+                context_length,
+            )?;
+            // The new model's memory, on the partition's node and CPUs.
+            let placement = self
+                .placer
+                .resize_memory(id, plan.memory_bytes)
+                .map_err(|error| placement_error(id, error))?;
+            plan.host_cpus = placement.host_cpus;
+            plan.numa_node = Some(placement.node);
+            Ok(plan)
         })();
         match result {
             Ok(plan) => {
                 let handle = &self.partitions[id];
-                send_or_fail(&handle.outbox, WorkerMessage::Swap(Box::new(plan), reply), id);
+                send_or_fail(
+                    &handle.outbox,
+                    WorkerMessage::Swap(Box::new(plan), reply),
+                    id,
+                );
             }
             Err(error) => {
                 let _ = reply.send(Err(error));
@@ -381,7 +548,12 @@ impl Manager {
                     ErrorCode::PartitionFailed,
                     format!(
                         "partition {id} has failed ({}); restart it",
-                        handle.shared.status().error.as_deref().unwrap_or("no reason recorded")
+                        handle
+                            .shared
+                            .status()
+                            .error
+                            .as_deref()
+                            .unwrap_or("no reason recorded")
                     ),
                 ))
             }
@@ -504,6 +676,40 @@ impl Manager {
     }
 }
 
+/// A refusal of the placer as the API says it: `resources_exhausted` when
+/// what was asked for is taken, `invalid_request` on the field at fault when
+/// it cannot exist on this host.
+fn placement_error(id: &str, error: PlacementError) -> ApiError {
+    if error.is_exhaustion() {
+        let hint = match &error {
+            PlacementError::OutOfCores(_) => "delete a partition or ask for fewer vCPUs",
+            PlacementError::OutOfMemory(why) if why.contains("hugepages") => {
+                "delete a partition, ask for less memory, or reserve more hugepages on the node \
+                 (/sys/devices/system/node/nodeN/hugepages/hugepages-2048kB/nr_hugepages)"
+            }
+            PlacementError::OutOfMemory(_) => "delete a partition or ask for less memory",
+            _ => "pick other cores, or leave out `cores` to let the daemon choose",
+        };
+        return ApiError::new(
+            ErrorCode::ResourcesExhausted,
+            format!("cannot place partition {id}: {error}; {hint}"),
+        );
+    }
+    let param = match &error {
+        PlacementError::NoSuchNode { .. } | PlacementError::CpuOffNode { .. } => "numa_node",
+        PlacementError::ZeroMemory => "memory_mib",
+        PlacementError::ZeroVcpus | PlacementError::NoCpusRequested => "vcpus",
+        PlacementError::NoSuchCpu { .. }
+        | PlacementError::CpuOffline { .. }
+        | PlacementError::CpuExcluded { .. }
+        | PlacementError::DuplicateCpu(_)
+        | PlacementError::VcpuCountMismatch { .. } => "cores",
+        PlacementError::EmptyPartitionId => "id",
+        _ => return ApiError::new(ErrorCode::Internal, error.to_string()),
+    };
+    ApiError::invalid(param, error.to_string())
+}
+
 fn worker_gone(id: &str) -> ApiError {
     ApiError::new(
         ErrorCode::Internal,
@@ -530,5 +736,174 @@ fn send_or_fail(outbox: &mpsc::Sender<WorkerMessage>, message: WorkerMessage, id
             }
             WorkerMessage::Start(None) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Topology;
+
+    /// These tests create partitions without starting them: no KVM needed.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("aivmm-manager-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn placer(fixture: &str) -> Placer {
+        Placer::new(Topology::discover(&crate::host::fixture(fixture)).unwrap())
+    }
+
+    fn manager(model: &Path, placer: Placer, state: &Path) -> Manager {
+        let models = ModelRegistry::new(None, &[("tiny".into(), model.into())]);
+        Manager::new(models, placer, Some(state.into())).unwrap()
+    }
+
+    fn spec(id: &str, extra: &str) -> PartitionSpec {
+        serde_json::from_str(&format!(
+            r#"{{"id": "{id}", "model": "tiny", "start": false{extra}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn create(manager: &mut Manager, spec: PartitionSpec) -> Result<PartitionInfo, ApiError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        manager.create(spec, reply);
+        answer.blocking_recv().unwrap()
+    }
+
+    fn delete(manager: &mut Manager, id: &str) -> Result<(), ApiError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        manager.delete(id, reply);
+        answer.blocking_recv().unwrap()
+    }
+
+    fn placed(manager: &Manager) -> Vec<(String, Vec<usize>)> {
+        manager
+            .partitions
+            .values()
+            .map(|handle| {
+                let info = handle.shared.info();
+                (info.id, info.host_cpus)
+            })
+            .collect()
+    }
+
+    fn saved(path: &Path) -> Vec<(String, Vec<usize>)> {
+        state::load(path)
+            .unwrap()
+            .unwrap()
+            .partitions
+            .into_iter()
+            .map(|p| (p.spec.id, p.placement.host_cpus))
+            .collect()
+    }
+
+    fn pair(id: &str, cpu: usize) -> (String, Vec<usize>) {
+        (id.to_string(), vec![cpu])
+    }
+
+    #[test]
+    fn partitions_are_placed_refused_freed_saved_and_restored() {
+        let scratch = Scratch::new("lifecycle");
+        let model = scratch.0.join("tiny.gguf");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models/tiny-llama-q8_0.gguf");
+        std::fs::copy(&fixture, &model).unwrap();
+        let state_file = scratch.0.join("aivmm.state.json");
+
+        // The two cores of this machine: one partition each, a third refused.
+        let mut m = manager(&model, placer("this-machine"), &state_file);
+        let a = create(&mut m, spec("a", "")).unwrap();
+        assert_eq!(
+            (a.host_cpus, a.numa_node, a.state),
+            (vec![0], Some(0), PartitionState::Stopped)
+        );
+        let error = create(&mut m, spec("b", r#", "hugepages": true"#)).unwrap_err();
+        assert_eq!(error.code, ErrorCode::ResourcesExhausted);
+        assert!(
+            error
+                .message
+                .contains("not enough 2 MiB hugepages on NUMA node 0: 0 free"),
+            "{error}"
+        );
+        assert_eq!(create(&mut m, spec("b", "")).unwrap().host_cpus, vec![1]);
+        let error = create(&mut m, spec("c", "")).unwrap_err();
+        assert_eq!(error.code, ErrorCode::ResourcesExhausted);
+        assert!(error.message.contains("not enough free cores"), "{error}");
+        let error = create(&mut m, spec("c", r#", "cores": [5]"#)).unwrap_err();
+        assert_eq!(
+            (error.code, error.param.as_deref()),
+            (ErrorCode::InvalidRequest, Some("cores"))
+        );
+        assert!(
+            error.message.contains("host CPU 5 does not exist"),
+            "{error}"
+        );
+        let error = create(&mut m, spec("c", r#", "numa_node": 2"#)).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("numa_node"));
+        assert_eq!(saved(&state_file), vec![pair("a", 0), pair("b", 1)]);
+
+        // Deleting frees the core for the next partition.
+        delete(&mut m, "b").unwrap();
+        assert_eq!(saved(&state_file), vec![pair("a", 0)]);
+        assert_eq!(
+            create(&mut m, spec("c", r#", "cores": [1]"#))
+                .unwrap()
+                .host_cpus,
+            vec![1]
+        );
+        assert_eq!(saved(&state_file), vec![pair("a", 0), pair("c", 1)]);
+        drop(m);
+
+        // A restart brings them back on the same CPUs, still refusing a third.
+        let mut m = manager(&model, placer("this-machine"), &state_file);
+        assert_eq!(placed(&m), vec![pair("a", 0), pair("c", 1)]);
+        assert_eq!(
+            create(&mut m, spec("d", "")).unwrap_err().code,
+            ErrorCode::ResourcesExhausted
+        );
+        drop(m);
+
+        // A partition whose CPU the host now keeps is skipped (and forgotten).
+        let mut kept = placer("this-machine");
+        kept.reserve_for_host(&[0]).unwrap();
+        let m = manager(&model, kept, &state_file);
+        assert_eq!(placed(&m), vec![pair("c", 1)]);
+        assert_eq!(saved(&state_file), vec![pair("c", 1)]);
+        drop(m);
+
+        // So is one whose model file is gone.
+        std::fs::remove_file(&model).unwrap();
+        let m = manager(&model, placer("this-machine"), &state_file);
+        assert!(placed(&m).is_empty());
+        assert!(saved(&state_file).is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_state_file_stops_the_daemon_instead_of_being_overwritten() {
+        let scratch = Scratch::new("corrupt");
+        let state_file = scratch.0.join("aivmm.state.json");
+        std::fs::write(&state_file, "{not json").unwrap();
+        let models = ModelRegistry::new(None, &[]);
+        let error = Manager::new(models, placer("this-machine"), Some(state_file.clone()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("aivmm.state.json is not valid"), "{error}");
+        assert_eq!(std::fs::read_to_string(&state_file).unwrap(), "{not json");
     }
 }

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod manager;
 pub mod metrics;
 pub mod models;
+pub mod state;
 pub mod stop_strings;
 pub mod worker;
 
@@ -17,6 +18,8 @@ use aivmm_api::server::{self, ServerOptions};
 use aivmm_api::socket::{self, SocketError};
 use aivmm_api::types::Version;
 use clap::Args;
+
+use crate::host::{Placer, Topology};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -39,6 +42,17 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Host CPUs kept for the host, never given to partitions (with their SMT
+    /// siblings): a CPU list such as "0" or "0-1,8" (default: none).
+    #[arg(long)]
+    pub host_cpus: Option<String>,
+    /// Where the partitions are saved, to be restored when the daemon starts
+    /// again (default: beside --api-sock, e.g. /run/aivmm.state.json).
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+    /// Read the host topology under this directory instead of / (tests).
+    #[arg(long, default_value = "/", hide = true)]
+    pub sysfs_root: PathBuf,
 }
 
 fn parse_named_model(text: &str) -> Result<(String, PathBuf), String> {
@@ -75,6 +89,14 @@ pub enum ServeError {
     Runtime(#[source] std::io::Error),
     #[error("cannot start the partition manager")]
     Manager(#[source] std::io::Error),
+    #[error("cannot read the host topology")]
+    Topology(#[from] crate::host::TopologyError),
+    #[error("--host-cpus: {0}")]
+    HostCpus(String),
+    #[error("cannot read the daemon's CPU affinity")]
+    Affinity(#[source] std::io::Error),
+    #[error(transparent)]
+    State(#[from] state::StateError),
 }
 
 fn read_token(path: &Path) -> Result<String, ServeError> {
@@ -116,12 +138,25 @@ pub fn serve(
         (_, Some(path)) => Some(read_token(path)?),
         (None, None) => None,
     };
+    let mut placer = Placer::new(Topology::discover(&args.sysfs_root)?);
+    let host_cpus = match &args.host_cpus {
+        Some(list) => crate::host::topology::parse_cpulist(list).map_err(ServeError::HostCpus)?,
+        None => Vec::new(),
+    };
+    placer
+        .reserve_for_host(&host_cpus)
+        .map_err(|error| ServeError::HostCpus(error.to_string()))?;
+    placer.restrict_to(&crate::run::allowed_cpus().map_err(ServeError::Affinity)?);
+    let state_file = args
+        .state_file
+        .clone()
+        .unwrap_or_else(|| state::default_path(&args.api_sock));
     let api_socket = socket::bind(&args.api_sock)?;
     let model_dir = args.model_dir.clone().or_else(default_model_dir);
     let registry = models::ModelRegistry::new(model_dir.as_deref(), &args.models);
 
     let (requests, inbox) = tokio::sync::mpsc::unbounded_channel();
-    let manager = manager::Manager::new(registry);
+    let manager = manager::Manager::new(registry, placer, Some(state_file))?;
     let manager_thread = std::thread::Builder::new()
         .name("partition-manager".into())
         .spawn(move || manager.run(inbox))
@@ -221,5 +256,35 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn placement_and_state_options_parse() {
+        let args = Command::try_parse_from([
+            "serve",
+            "--host-cpus",
+            "0-1,4",
+            "--state-file",
+            "/tmp/s.json",
+        ])
+        .unwrap()
+        .serve;
+        assert_eq!(args.host_cpus.as_deref(), Some("0-1,4"));
+        assert_eq!(args.state_file.as_deref(), Some(Path::new("/tmp/s.json")));
+        let args = Command::try_parse_from(["serve"]).unwrap().serve;
+        assert_eq!((args.host_cpus, args.state_file), (None, None));
+        assert_eq!(args.sysfs_root, Path::new("/"));
     }
 }

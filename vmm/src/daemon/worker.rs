@@ -9,9 +9,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use aivmm_api::request::{
-    ChatRole, CompletionJob, Prompt as ApiPrompt, Reply, StreamEvent,
-};
+use aivmm_api::request::{ChatRole, CompletionJob, Prompt as ApiPrompt, Reply, StreamEvent};
 use aivmm_api::types::{
     CompletionResult, FinishReason, ModelInfo, PartitionInfo, PartitionSpec, PartitionState,
 };
@@ -24,7 +22,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::metrics::{CompletionRecord, Outcome, PartitionMetrics};
 use super::stop_strings::StopStrings;
 use crate::host_engine::MappedModel;
-use crate::inference::{plan_memory, GenerationRequest, InferenceError, InferencePartition, Prompt};
+use crate::inference::{
+    plan_memory, GenerationRequest, InferenceError, InferencePartition, Prompt,
+};
 use crate::partition::{InferenceSetup, PartitionConfig};
 use crate::run::{EXIT_TIMEOUT, READY_TIMEOUT};
 use crate::vstate::memory::RamBacking;
@@ -37,7 +37,10 @@ const PROMPT_BATCH: usize = 32;
 pub struct BootPlan {
     pub model: ModelInfo,
     pub vcpus: u32,
+    /// One per vCPU, from the placer (empty until the partition is placed).
     pub host_cpus: Vec<usize>,
+    /// The NUMA node of the memory, from the placer.
+    pub numa_node: Option<u32>,
     pub memory_bytes: u64,
     pub hugepages: bool,
     pub setup: InferenceSetup,
@@ -46,19 +49,20 @@ pub struct BootPlan {
 
 /// Sizes a partition for `model` on the host (the model is mapped and
 /// loaded here, so a model the engine cannot run is refused before boot).
+/// The placer fills in the host CPUs and the node.
 pub fn plan(
     model: ModelInfo,
-    host_cpus: Vec<usize>,
+    vcpus: u32,
     memory_mib: Option<u64>,
     hugepages: bool,
     context_length: Option<u32>,
 ) -> Result<BootPlan, ApiError> {
-    let invalid = |param: &str, error: &dyn std::fmt::Display| ApiError::invalid(param, error.to_string());
+    let invalid =
+        |param: &str, error: &dyn std::fmt::Display| ApiError::invalid(param, error.to_string());
     let path = std::path::Path::new(&model.path);
     let mapped = MappedModel::open(path).map_err(|e| invalid("model", &e))?;
     let gguf = mapped.parse().map_err(|e| invalid("model", &e))?;
     let loaded = mapped.load(&gguf).map_err(|e| invalid("model", &e))?;
-    let vcpus = host_cpus.len() as u32;
     let memory_plan = plan_memory(
         &loaded,
         context_length.unwrap_or(0) as usize,
@@ -76,7 +80,8 @@ pub fn plan(
         template: ChatTemplate::for_model(&gguf, loaded.config.arch),
         model,
         vcpus,
-        host_cpus,
+        host_cpus: Vec::new(),
+        numa_node: None,
         memory_bytes,
         hugepages,
         setup: memory_plan.setup(),
@@ -121,11 +126,16 @@ pub struct Shared {
     pub metrics: PartitionMetrics,
     /// Ends the running completion and fails queued ones (stop, delete).
     pub interrupt: AtomicBool,
+    /// The worker has stopped the partition for good (deleted, or the
+    /// manager went): its CPUs and memory may be handed out again.
+    pub ended: AtomicBool,
 }
 
 impl Shared {
     pub fn status(&self) -> MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.status
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     pub fn info(&self) -> PartitionInfo {
@@ -139,7 +149,7 @@ impl Shared {
             model_path: status.plan.model.path.clone(),
             vcpus: status.plan.vcpus,
             host_cpus: status.plan.host_cpus.clone(),
-            numa_node: self.spec.numa_node,
+            numa_node: status.plan.numa_node,
             memory_mib: status.plan.memory_bytes >> 20,
             hugepages: status.plan.hugepages,
             context_length: status.plan.setup.n_ctx,
@@ -194,6 +204,7 @@ impl Worker {
             }),
             metrics: PartitionMetrics::default(),
             interrupt: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         });
         let worker = Worker {
             shared: shared.clone(),
@@ -229,7 +240,10 @@ impl Worker {
                 }
                 WorkerMessage::Complete(job, events) => {
                     self.complete(&job, &events);
-                    self.shared.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                    self.shared
+                        .metrics
+                        .queue_depth
+                        .fetch_sub(1, Ordering::Relaxed);
                 }
                 WorkerMessage::Delete(reply) => {
                     self.stop();
@@ -237,12 +251,14 @@ impl Worker {
                     while let Ok(message) = self.inbox.try_recv() {
                         self.refuse(message);
                     }
+                    self.shared.ended.store(true, Ordering::SeqCst);
                     let _ = reply.send(Ok(()));
                     return;
                 }
             }
         }
         self.stop();
+        self.shared.ended.store(true, Ordering::SeqCst);
     }
 
     /// Answers a message that arrived after the delete.
@@ -263,7 +279,10 @@ impl Worker {
             }
             WorkerMessage::Complete(_, events) => {
                 let _ = events.send(StreamEvent::Error(gone()));
-                self.shared.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                self.shared
+                    .metrics
+                    .queue_depth
+                    .fetch_sub(1, Ordering::Relaxed);
             }
             WorkerMessage::Delete(reply) => {
                 let _ = reply.send(Ok(()));
@@ -322,7 +341,10 @@ impl Worker {
             status.state = PartitionState::Stopped;
         }
         status.running_since = None;
-        self.shared.metrics.guest_memory_bytes.store(0, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .guest_memory_bytes
+            .store(0, Ordering::Relaxed);
         drop(status);
         self.shared.interrupt.store(false, Ordering::SeqCst);
     }
@@ -384,7 +406,10 @@ impl Worker {
             let _ = new.exit(EXIT_TIMEOUT);
             return Err(ApiError::new(
                 ErrorCode::Conflict,
-                format!("partition {} was stopped during the model swap", self.shared.id),
+                format!(
+                    "partition {} was stopped during the model swap",
+                    self.shared.id
+                ),
             ));
         }
         let old = self.running.replace(new);
@@ -561,7 +586,9 @@ impl Worker {
             }
         };
         let queue_ms = first_text_at
-            .map(|at| at.saturating_duration_since(job.received).as_secs_f64() * 1e3 - completion.ttft_ms)
+            .map(|at| {
+                at.saturating_duration_since(job.received).as_secs_f64() * 1e3 - completion.ttft_ms
+            })
             .unwrap_or(0.0)
             .max(0.0);
         let result = CompletionResult {
