@@ -52,7 +52,7 @@ pub fn cmd_topology(args: &TopologyArgs, out: &mut dyn Write) -> Result<(), Erro
             .collect();
         writeln!(
             out,
-            "{} {}: {} cores, {} CPUs; memory {} total, {} free; hugepages: {}",
+            "{} {}: {} cores, {} CPUs; memory {} total, {} available; hugepages: {}",
             if topology.numa {
                 "NUMA node"
             } else {
@@ -62,7 +62,7 @@ pub fn cmd_topology(args: &TopologyArgs, out: &mut dyn Write) -> Result<(), Erro
             cores.len(),
             node.cpus.len(),
             format_bytes(node.mem_total_bytes),
-            format_bytes(node.mem_free_bytes),
+            format_bytes(node.mem_available_bytes),
             if pools.is_empty() {
                 "none".into()
             } else {
@@ -177,7 +177,7 @@ mod tests {
         let table = run("isolated", false);
         assert!(
             table.starts_with(
-                "NUMA node 0: 8 cores, 15 CPUs; memory 31.2 GiB total, 28.6 GiB free; \
+                "NUMA node 0: 8 cores, 15 CPUs; memory 31.2 GiB total, 28.6 GiB available; \
              hugepages: 2 MiB 2000/2048 free, 1 GiB 2/2 free\n"
             ),
             "{table}"

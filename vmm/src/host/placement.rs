@@ -311,7 +311,7 @@ impl Placer {
         free.saturating_sub(taken)
     }
 
-    /// Free memory of a node (not hugepages), after what placements took.
+    /// Available memory of a node (not hugepages), after what placements took.
     pub fn free_memory(&self, node: &Node) -> u64 {
         let taken: u64 = self
             .allocations
@@ -319,7 +319,7 @@ impl Placer {
             .filter(|placement| placement.node == node.id && placement.hugepages.is_none())
             .map(|placement| placement.memory_bytes)
             .sum();
-        node.mem_free_bytes.saturating_sub(taken)
+        node.mem_available_bytes.saturating_sub(taken)
     }
 
     pub fn place(
@@ -1013,11 +1013,12 @@ mod tests {
             error.to_string(),
             "not enough 2 MiB hugepages on NUMA node 0: 0 free, the partition needs 256"
         );
-        // 11.8 GiB free: two partitions of 6 GiB do not both fit.
-        p.place("a", &vcpus(1, 6 * GIB)).unwrap();
-        let error = refusal(&mut p, "b", vcpus(1, 6 * GIB)).to_string();
+        // 13.7 GiB available (free, file pages, reclaimable slab): two
+        // partitions of 8 GiB do not both fit.
+        p.place("a", &vcpus(1, 8 * GIB)).unwrap();
+        let error = refusal(&mut p, "b", vcpus(1, 8 * GIB)).to_string();
         assert!(
-            error.starts_with("not enough memory on NUMA node 0: 5.8 GiB free"),
+            error.starts_with("not enough memory on NUMA node 0: 5.7 GiB free"),
             "{error}"
         );
         // A model swap that needs more memory than is left keeps the old size.
@@ -1026,7 +1027,7 @@ mod tests {
             error.starts_with("not enough memory on NUMA node 0"),
             "{error}"
         );
-        assert_eq!(p.allocations()["a"].memory_bytes, 6 * GIB);
+        assert_eq!(p.allocations()["a"].memory_bytes, 8 * GIB);
         assert_eq!(p.resize_memory("a", GIB).unwrap().memory_bytes, GIB);
         assert_eq!(p.allocations()["a"].host_cpus, vec![0]);
     }

@@ -61,6 +61,9 @@ pub struct Node {
     pub cpus: Vec<usize>,
     pub mem_total_bytes: u64,
     pub mem_free_bytes: u64,
+    /// Free plus what the kernel can reclaim at once (page cache, reclaimable
+    /// slab): what a new partition's memory can come from.
+    pub mem_available_bytes: u64,
     /// Sorted by page size.
     pub hugepages: Vec<HugepagePool>,
 }
@@ -469,13 +472,14 @@ fn read_nodes(node_dir: &Path) -> Result<Vec<Node>, TopologyError> {
         let dir = node_dir.join(&name);
         let meminfo_path = dir.join("meminfo");
         let meminfo = read_text(&meminfo_path)?;
-        let (mem_total_bytes, mem_free_bytes) = parse_meminfo(&meminfo, Some(id))
+        let memory = parse_meminfo(&meminfo, Some(id))
             .map_err(|reason| parse_error(&meminfo_path, &meminfo, reason))?;
         nodes.push(Node {
             id,
             cpus: read_cpulist(&dir.join("cpulist"))?,
-            mem_total_bytes,
-            mem_free_bytes,
+            mem_total_bytes: memory.total,
+            mem_free_bytes: memory.free,
+            mem_available_bytes: memory.available,
             hugepages: read_hugepage_pools(&dir.join("hugepages"))?,
         });
     }
@@ -493,22 +497,33 @@ fn read_nodes(node_dir: &Path) -> Result<Vec<Node>, TopologyError> {
 fn read_single_node(root: &Path, online: &[usize]) -> Result<Node, TopologyError> {
     let meminfo_path = root.join("proc/meminfo");
     let meminfo = read_text(&meminfo_path)?;
-    let (mem_total_bytes, mem_free_bytes) = parse_meminfo(&meminfo, None)
+    let memory = parse_meminfo(&meminfo, None)
         .map_err(|reason| parse_error(&meminfo_path, &meminfo, reason))?;
     Ok(Node {
         id: 0,
         cpus: online.to_vec(),
-        mem_total_bytes,
-        mem_free_bytes,
+        mem_total_bytes: memory.total,
+        mem_free_bytes: memory.free,
+        mem_available_bytes: memory.available,
         hugepages: read_hugepage_pools(&root.join("sys/kernel/mm/hugepages"))?,
     })
 }
 
-/// MemTotal and MemFree in bytes from a node's meminfo ("Node 0 MemTotal:
-/// 15163972 kB") or, with `node` None, from /proc/meminfo ("MemTotal: ... kB").
-fn parse_meminfo(text: &str, node: Option<u32>) -> Result<(u64, u64), String> {
+struct Meminfo {
+    total: u64,
+    free: u64,
+    available: u64,
+}
+
+/// Memory of a node's meminfo ("Node 0 MemTotal: 15163972 kB") or, with
+/// `node` None, of /proc/meminfo ("MemTotal: ... kB"). Available is
+/// MemAvailable where the kernel gives it (/proc/meminfo), else free plus
+/// the file pages and reclaimable slab (node meminfo has no MemAvailable).
+fn parse_meminfo(text: &str, node: Option<u32>) -> Result<Meminfo, String> {
     let mut total = None;
     let mut free = None;
+    let mut available = None;
+    let mut reclaimable = [None; 3];
     for line in text.lines() {
         let mut words = line.split_whitespace();
         if let Some(node) = node {
@@ -522,6 +537,10 @@ fn parse_meminfo(text: &str, node: Option<u32>) -> Result<(u64, u64), String> {
         let slot = match words.next() {
             Some("MemTotal:") => &mut total,
             Some("MemFree:") => &mut free,
+            Some("MemAvailable:") => &mut available,
+            Some("Active(file):") => &mut reclaimable[0],
+            Some("Inactive(file):") => &mut reclaimable[1],
+            Some("SReclaimable:") => &mut reclaimable[2],
             _ => continue,
         };
         let kib = match (words.next(), words.next(), words.next()) {
@@ -532,7 +551,13 @@ fn parse_meminfo(text: &str, node: Option<u32>) -> Result<(u64, u64), String> {
         *slot = Some(kib.saturating_mul(1024));
     }
     match (total, free) {
-        (Some(total), Some(free)) => Ok((total, free)),
+        (Some(total), Some(free)) => Ok(Meminfo {
+            total,
+            free,
+            available: available
+                .unwrap_or_else(|| free + reclaimable.iter().flatten().sum::<u64>())
+                .min(total),
+        }),
         _ => Err("MemTotal or MemFree is missing".into()),
     }
 }
