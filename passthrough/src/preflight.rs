@@ -53,7 +53,7 @@ pub enum PreflightError {
     },
     #[error("{path} does not exist although IOMMU group {group} is bound to vfio-pci: load the VFIO modules (`modprobe vfio-pci`, and `modprobe vfio_iommu_type1`) and check `dmesg | grep -i vfio`")]
     VfioGroupMissing { group: u32, path: PathBuf },
-    #[error("{path} is not readable and writable by this process ({source}): run aivmm as root, or give its user the group (`chown USER {path}`, or a udev rule: SUBSYSTEM==\"vfio\", OWNER=\"USER\")")]
+    #[error("cannot open {path} for reading and writing ({source}): if the device is busy, another process (a partition or another VMM) holds the group, so stop it or pick another device; otherwise run aivmm as root, or give its user the group (`chown USER {path}`, or a udev rule: SUBSYSTEM==\"vfio\", OWNER=\"USER\")")]
     VfioGroupNotAccessible { path: PathBuf, source: io::Error },
     #[error("PCI device {bdf} is on NUMA node {device_node} but the partition is placed on node {partition_node}: place the partition's cores and memory on node {device_node}, or pick a device on node {partition_node} (`aivmm topology` lists each device's node)")]
     NumaMismatch {
@@ -273,22 +273,18 @@ fn effective_caps(status: &str) -> Option<u64> {
     u64::from_str_radix(line.trim(), 16).ok()
 }
 
+/// Opens the group node read-write as the VMM will (and closes it again):
+/// fails on permissions, and with EBUSY while another process holds the group.
 fn check_read_write_access(path: &Path) -> Result<(), PreflightError> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| PreflightError::Parse {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map(drop)
+        .map_err(|source| PreflightError::VfioGroupNotAccessible {
             path: path.to_path_buf(),
-            text: path.display().to_string(),
-            why: "the path holds a NUL byte",
-        })?;
-    // SAFETY: access() reads a NUL-terminated path that lives across the call.
-    if unsafe { libc::access(c_path.as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
-        return Err(PreflightError::VfioGroupNotAccessible {
-            path: path.to_path_buf(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+            source,
+        })
 }
 
 fn read_numa_node(path: &Path) -> Result<Option<u32>, PreflightError> {
