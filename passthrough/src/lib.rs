@@ -24,3 +24,4 @@ pub mod irq_routing;
 pub mod msi;
 pub mod msix;
 pub mod preflight;
+pub mod vfio;
