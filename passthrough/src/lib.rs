@@ -11,6 +11,8 @@
 //!   from [`bar`] (BAR decoding, sizing, guest placement), [`capability`]
 //!   (capability lists), [`msi`] and [`msix`] (interrupt capabilities
 //!   emulated in the VMM) and [`irq_routing`] (vectors to KVM GSIs and irqfds).
+//! - [`pci_function`]: the device as a function on the VMM's ECAM PCI bus
+//!   (`aivmm_devices::pci::PciBus`).
 //!
 //! None of this can run on a host without an IOMMU: the tests use real
 //! config-space dumps and sysfs fixture trees (see docs/hardware-validation.md
@@ -23,5 +25,6 @@ pub mod config_space;
 pub mod irq_routing;
 pub mod msi;
 pub mod msix;
+pub mod pci_function;
 pub mod preflight;
 pub mod vfio;
