@@ -126,14 +126,7 @@ pub fn preflight(
     let mut offenders = Vec::new();
     for member in &group_devices {
         let driver = link_name(&sys.join("bus/pci/devices").join(member).join("driver"))?;
-        let allowed = if *member == bdf.to_string() {
-            driver.as_deref() == Some("vfio-pci")
-        } else {
-            driver
-                .as_deref()
-                .is_none_or(|d| GROUP_DRIVERS_ALLOWED.contains(&d))
-        };
-        if !allowed {
+        if !driver_allows_vfio(*member == bdf.to_string(), driver.as_deref()) {
             offenders.push((member.clone(), driver));
         }
     }
@@ -206,6 +199,17 @@ pub fn preflight(
         vfio_group_path,
         advice,
     })
+}
+
+/// Whether a device of the group, bound to `driver`, lets VFIO take the
+/// group: the passed-through device itself must be on vfio-pci, the others
+/// on vfio-pci, pci-stub, pcieport, or no driver.
+pub fn driver_allows_vfio(is_the_device: bool, driver: Option<&str>) -> bool {
+    if is_the_device {
+        driver == Some("vfio-pci")
+    } else {
+        driver.is_none_or(|d| GROUP_DRIVERS_ALLOWED.contains(&d))
+    }
 }
 
 /// The shell commands that bind each offending device to vfio-pci.
