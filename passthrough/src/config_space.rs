@@ -3,7 +3,8 @@
 //! The VMM owns the BARs (the guest sizes and places them at guest
 //! addresses), the option ROM (hidden), the interrupt line and pin (INTx is
 //! not offered: MSI or MSI-X only), every capability pointer, the MSI
-//! capability and the MSI-X capability's control word. The rest is read
+//! capability and the MSI-X capability's control word; SR-IOV and Resizable
+//! BAR are read-only. The rest is read
 //! from the device, and guest writes to it are passed through, except in the
 //! header where only the command bits listed in [`COMMAND_PASSTHROUGH`], the
 //! status register's write-1-to-clear bits, the cache line size and the
@@ -30,6 +31,10 @@ const COMMAND_BUS_MASTER: u32 = 1 << 2;
 /// disable. Special cycles, memory-write-invalidate, VGA snoop and fast
 /// back-to-back stay as the host set them.
 pub const COMMAND_PASSTHROUGH: u32 = 0x0547;
+/// Extended capabilities the guest may read but not change: SR-IOV (it
+/// would create functions the VMM does not own) and Resizable BAR (it would
+/// change a BAR's size behind the VMM's back).
+const EXTENDED_READ_ONLY: [u16; 2] = [0x0010, 0x0015];
 /// Status bits that clear when written with 1 (upper half of dword 0x04).
 const STATUS_RW1C: u32 = 0xf900 << 16;
 
@@ -219,6 +224,7 @@ impl<D: DeviceConfig> VirtualConfigSpace<D> {
         for i in d(BAR0)..=d(ROM_BAR) {
             self.emulated[i] = u32::MAX;
         }
+        self.set_shadow(ROM_BAR, 0);
         self.emulated[d(CAP_POINTER)] = 0xff;
         // Interrupt line is scratch for the guest; pin reads 0 (no INTx).
         self.emulated[d(INTERRUPT_LINE)] = 0xffff;
@@ -229,14 +235,27 @@ impl<D: DeviceConfig> VirtualConfigSpace<D> {
         for i in d(0x40)..self.len / 4 {
             self.forwarded[i] = u32::MAX;
         }
-        for cap in self.capabilities.clone() {
+        let capabilities = self.capabilities.clone();
+        for cap in &capabilities {
             let header = if cap.extended { u32::MAX } else { 0xffff };
             self.emulate(cap.offset, 4, header, 0);
+            if cap.extended && EXTENDED_READ_ONLY.contains(&cap.id) {
+                // Its length is not in its header: up to the next capability.
+                let end = capabilities
+                    .iter()
+                    .filter(|c| c.extended && c.offset > cap.offset)
+                    .map(|c| c.offset)
+                    .min()
+                    .unwrap_or(self.len as u16);
+                for at in (cap.offset..end).step_by(4) {
+                    self.forwarded[usize::from(at) / 4] = 0;
+                }
+            }
         }
         if let Some(msi) = self.msi {
             let control = dword(&self.shadow, usize::from(msi.offset)) & !(0x71 << 16);
             self.set_shadow(msi.offset, control);
-            self.emulate(msi.offset, msi.len(), u32::MAX, 0);
+            self.emulate(msi.offset, msi.span(), u32::MAX, 0);
             for (offset, mask) in msi.writable() {
                 self.writable[d(offset)] = mask;
             }

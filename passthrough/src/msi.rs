@@ -57,7 +57,7 @@ impl MsiLayout {
     }
 
     /// Bytes the capability spans.
-    pub fn len(&self) -> u16 {
+    pub fn span(&self) -> u16 {
         match self.mask_offset() {
             Some(mask) => mask + 8 - self.offset, // mask bits + pending bits
             None => self.data_offset() + 4 - self.offset,
@@ -141,7 +141,7 @@ mod tests {
             (layout.is_64bit, layout.per_vector_mask, layout.max_vectors),
             (true, true, 8)
         );
-        assert_eq!(layout.len(), 0x18);
+        assert_eq!(layout.span(), 0x18);
         assert_eq!(
             layout.writable(),
             vec![
@@ -154,7 +154,7 @@ mod tests {
         );
         config[0x52..0x54].copy_from_slice(&0u16.to_le_bytes());
         let small = MsiLayout::parse(&config, 0x50);
-        assert_eq!((small.len(), small.max_vectors), (0x0c, 1));
+        assert_eq!((small.span(), small.max_vectors), (0x0c, 1));
     }
 
     #[test]

@@ -163,7 +163,7 @@ impl MsixTable {
 
     fn check(what: &'static str, offset: u64, len: usize, limit: u64) -> Result<(), MsixError> {
         let ok = matches!(len, 4 | 8)
-            && offset % len as u64 == 0
+            && offset.is_multiple_of(len as u64)
             && offset
                 .checked_add(len as u64)
                 .is_some_and(|end| end <= limit);

@@ -97,7 +97,10 @@ pub fn dma_plan<M: GuestMemoryBackend>(
         let host = region
             .get_host_address(MemoryRegionAddress(0))
             .map_err(|_| bad("it has no host mapping"))? as u64;
-        if guest_address % page_size != 0 || len % page_size != 0 || host % page_size != 0 {
+        if !(guest_address.is_multiple_of(page_size)
+            && len.is_multiple_of(page_size)
+            && host.is_multiple_of(page_size))
+        {
             return Err(bad("it is not page-aligned"));
         }
         plan.push(DmaMapping {

@@ -314,6 +314,10 @@ fn gpu_like_bars_capabilities_and_sizing() {
     assert_eq!(read32(&space, 0x100), 0x0001 | 2 << 16 | 0x148 << 20);
     write32(&mut space, 0x108, 0x0000_1000);
     assert_eq!(space.device().writes.last().unwrap().0, 0x108);
+    // Resizable BAR's control (0x168 + 8) is read-only to the guest.
+    let writes = space.device().writes.len();
+    write32(&mut space, 0x170, 0x0000_0d00);
+    assert_eq!(space.device().writes.len(), writes);
     // The PCIe capability's device control passes through.
     space.write(0x80, &0x2950u16.to_le_bytes()).unwrap();
     assert_eq!(read16(&space, 0x80), 0x2950);
@@ -446,6 +450,18 @@ fn gpu_like_msix_table_vectors_route_to_gsis() {
         .capabilities()
         .iter()
         .any(|c| c.id == u16::from(CAP_ID_MSIX)));
+}
+
+#[test]
+fn the_option_rom_is_hidden() {
+    let (mut config, sizes) = fixture("gpu-like");
+    config[0x30..0x34].copy_from_slice(&0xfc00_0001u32.to_le_bytes()); // enabled ROM at the host address
+    let mut space =
+        VirtualConfigSpace::new(ConfigDump::new(config), 4096, &sizes, &WINDOWS).unwrap();
+    assert_eq!(read32(&space, 0x30), 0);
+    write32(&mut space, 0x30, 0xffff_f800);
+    assert_eq!(read32(&space, 0x30), 0, "sizing finds no ROM");
+    assert!(space.device().writes.is_empty());
 }
 
 #[test]

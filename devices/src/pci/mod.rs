@@ -128,7 +128,7 @@ impl PciBus {
     }
 
     fn check(access: &'static str, offset: u64, len: usize) -> Result<(), DeviceError> {
-        if matches!(len, 1 | 2 | 4) && offset % len as u64 == 0 {
+        if matches!(len, 1 | 2 | 4) && offset.is_multiple_of(len as u64) {
             Ok(())
         } else {
             Err(DeviceError::BadAccess {
