@@ -12,13 +12,15 @@
 //!   (capability lists), [`msi`] and [`msix`] (interrupt capabilities
 //!   emulated in the VMM) and [`irq_routing`] (vectors to KVM GSIs and irqfds).
 //! - [`pci_function`]: the device as a function on the VMM's ECAM PCI bus
-//!   (`aivmm_devices::pci::PciBus`).
+//!   (`aivmm_devices::pci::PciBus`); [`bar_trap`]: the trapped part of its
+//!   BARs (MSI-X table and PBA emulated, the rest through VFIO).
 //!
 //! None of this can run on a host without an IOMMU: the tests use real
 //! config-space dumps and sysfs fixture trees (see docs/hardware-validation.md
 //! for what to run on a real server).
 
 pub mod bar;
+pub mod bar_trap;
 pub mod bdf;
 pub mod capability;
 pub mod config_space;

@@ -23,6 +23,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bar::BAR_COUNT;
+use crate::bar_trap::DeviceRegion;
 use crate::bdf::Bdf;
 use crate::config_space::DeviceConfig;
 use crate::irq_routing::{GsiRoutingTable, IrqfdChange};
@@ -255,6 +256,13 @@ impl VfioPassthrough {
         )
     }
 
+    /// The device's BAR registers for [`crate::bar_trap::TrappedBar`].
+    pub fn bar_region(&self) -> VfioBarRegion {
+        VfioBarRegion {
+            device: self.device.clone(),
+        }
+    }
+
     /// The size of each BAR as VFIO reports it (0: not implemented).
     pub fn bar_sizes(&self) -> [u64; BAR_COUNT] {
         let mut sizes = [0; BAR_COUNT];
@@ -376,6 +384,23 @@ impl DeviceConfig for VfioConfig {
     fn write(&mut self, offset: u16, data: &[u8]) {
         self.device
             .region_write(VFIO_PCI_CONFIG_REGION_INDEX, data, u64::from(offset));
+    }
+}
+
+/// The device's BAR regions through VFIO (read/write on the device fd).
+pub struct VfioBarRegion {
+    device: Arc<VfioDevice>,
+}
+
+impl DeviceRegion for VfioBarRegion {
+    fn read(&self, bar: u8, offset: u64, data: &mut [u8]) {
+        self.device
+            .region_read(VFIO_PCI_BAR0_REGION_INDEX + u32::from(bar), data, offset);
+    }
+
+    fn write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        self.device
+            .region_write(VFIO_PCI_BAR0_REGION_INDEX + u32::from(bar), data, offset);
     }
 }
 
