@@ -113,13 +113,13 @@ pub fn cmd_topology(args: &TopologyArgs, out: &mut dyn Write) -> Result<(), Erro
         writeln!(out, "PCI devices:")?;
         writeln!(
             out,
-            "  {:<13} {:<9} {:<6} {:<4} {:<12} iommu group",
-            "address", "id", "class", "node", "driver"
+            "  {:<13} {:<9} {:<6} {:<4} {:<12} {:<11} assignable",
+            "address", "id", "class", "node", "driver", "iommu group"
         )?;
         for device in &topology.pci_devices {
             writeln!(
                 out,
-                "  {:<13} {:04x}:{:04x} {:06x} {:<4} {:<12} {}",
+                "  {:<13} {:04x}:{:04x} {:06x} {:<4} {:<12} {:<11} {}",
                 device.address,
                 device.vendor,
                 device.device,
@@ -127,6 +127,10 @@ pub fn cmd_topology(args: &TopologyArgs, out: &mut dyn Write) -> Result<(), Erro
                 device.numa_node.map_or("-".into(), |n| n.to_string()),
                 device.driver.as_deref().unwrap_or("-"),
                 device.iommu_group.map_or("-".into(), |g| g.to_string()),
+                match &device.not_assignable {
+                    None => "yes".to_string(),
+                    Some(why) => format!("no: {why}"),
+                },
             )?;
         }
     }
@@ -190,13 +194,13 @@ mod tests {
         assert!(table.contains("isolated CPUs: 2-5,10-13 (cpu/isolated: 2-5,10-13; nohz_full: 2-5,10-13; isolcpus=domain,managed_irq,2-5,10-13)\n"), "{table}");
         assert!(table.contains("offline CPUs: 15\n"), "{table}");
         assert!(
-            table.contains("  0000:00:1f.0  8086:7a06 060100 -    -            -\n"),
+            table.contains("  0000:00:1f.0  8086:7a06 060100 -    -            -           no: no IOMMU group (is the IOMMU on?)\n"),
             "{table}"
         );
         let table = run("two-socket-smt", false);
         assert!(table.contains("NUMA node 1: 8 cores, 16 CPUs"), "{table}");
         assert!(
-            table.contains("  0000:17:00.0  15b3:101d 020000 0    vfio-pci     21\n"),
+            table.contains("  0000:17:00.0  15b3:101d 020000 0    vfio-pci     21          yes\n"),
             "{table}"
         );
         let table = run("no-numa", false);
@@ -214,6 +218,11 @@ mod tests {
         assert_eq!(json["cores"][10]["node"], 2);
         assert_eq!(json["nodes"][3]["hugepages"][0]["free"], 768);
         assert_eq!(json["pci_devices"][1]["driver"], "ice");
+        assert_eq!(json["pci_devices"][1]["assignable"], false);
+        assert_eq!(
+            json["pci_devices"][1]["not_assignable"],
+            "bound to ice, not vfio-pci"
+        );
         assert_eq!(json["numa"], true);
     }
 }

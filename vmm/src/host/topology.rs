@@ -8,6 +8,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use aivmm_passthrough::preflight::driver_allows_vfio;
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +93,10 @@ pub struct PciDevice {
     pub numa_node: Option<u32>,
     pub driver: Option<String>,
     pub iommu_group: Option<u32>,
+    /// Whether the device can be passed through to a partition as the host
+    /// is now; otherwise [`PciDevice::not_assignable`] says why.
+    pub assignable: bool,
+    pub not_assignable: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -638,10 +643,49 @@ fn read_pci_devices(dir: &Path) -> Result<Vec<PciDevice>, TopologyError> {
             driver: link_name(&device.join("driver"))?,
             iommu_group,
             address,
+            assignable: false,
+            not_assignable: None,
         });
     }
     devices.sort_by(|a, b| a.address.cmp(&b.address));
+    for i in 0..devices.len() {
+        let why = not_assignable(&devices[i], &devices);
+        devices[i].assignable = why.is_none();
+        devices[i].not_assignable = why;
+    }
     Ok(devices)
+}
+
+/// Why VFIO cannot take `device` (the full check, with commands to fix
+/// it, is the passthrough preflight); None when it can.
+fn not_assignable(device: &PciDevice, all: &[PciDevice]) -> Option<String> {
+    let Some(group) = device.iommu_group else {
+        return Some("no IOMMU group (is the IOMMU on?)".into());
+    };
+    if !driver_allows_vfio(true, device.driver.as_deref()) {
+        return Some(format!(
+            "bound to {}, not vfio-pci",
+            device.driver.as_deref().unwrap_or("no driver")
+        ));
+    }
+    let blockers: Vec<String> = all
+        .iter()
+        .filter(|other| other.address != device.address && other.iommu_group == Some(group))
+        .filter(|other| !driver_allows_vfio(false, other.driver.as_deref()))
+        .map(|other| {
+            format!(
+                "{} ({})",
+                other.address,
+                other.driver.as_deref().unwrap_or("-")
+            )
+        })
+        .collect();
+    (!blockers.is_empty()).then(|| {
+        format!(
+            "IOMMU group {group} also holds {} not on vfio-pci",
+            blockers.join(", ")
+        )
+    })
 }
 
 /// The last component of a symlink's target, or None if there is no link.
@@ -720,6 +764,43 @@ mod tests {
         );
         assert!(parse_isolcpus("isolcpus=domain,x-y").is_err());
         assert!(parse_isolcpus("isolcpus=domain,1-").is_err());
+    }
+
+    #[test]
+    fn assignable_devices_need_vfio_pci_across_their_group() {
+        let device = |address: &str, driver: Option<&str>, group: Option<u32>| PciDevice {
+            address: address.into(),
+            vendor: 0x10de,
+            device: 0x2331,
+            class: 0x030200,
+            numa_node: Some(1),
+            driver: driver.map(String::from),
+            iommu_group: group,
+            assignable: false,
+            not_assignable: None,
+        };
+        let gpu = device("0000:ca:00.0", Some("vfio-pci"), Some(70));
+        let audio = device("0000:ca:00.1", Some("snd_hda_intel"), Some(70));
+        let bridge = device("0000:c9:00.0", Some("pcieport"), Some(70));
+        let all = [gpu.clone(), audio.clone(), bridge.clone()];
+        assert_eq!(
+            not_assignable(&gpu, &all).as_deref(),
+            Some("IOMMU group 70 also holds 0000:ca:00.1 (snd_hda_intel) not on vfio-pci")
+        );
+        let audio_on_vfio = device("0000:ca:00.1", Some("vfio-pci"), Some(70));
+        assert_eq!(
+            not_assignable(&gpu, &[gpu.clone(), audio_on_vfio, bridge]),
+            None
+        );
+        assert_eq!(
+            not_assignable(&audio, &all).as_deref(),
+            Some("bound to snd_hda_intel, not vfio-pci")
+        );
+        let no_group = device("0000:00:03.0", Some("virtio-pci"), None);
+        assert_eq!(
+            not_assignable(&no_group, &[no_group.clone()]).as_deref(),
+            Some("no IOMMU group (is the IOMMU on?)")
+        );
     }
 
     #[test]
