@@ -379,6 +379,9 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
     let low4 = _mm256_set1_epi8(0x0f);
     let bit4 = _mm256_set1_epi8(0x10);
     let mut acc = [[_mm256_setzero_ps(); C]; R];
+    // Q4_K: the scaled and the min sums of the whole rows (see `scalar::dot`).
+    let mut scaled = [[0.0f32; C]; R];
+    let mut mins_acc = [[0.0f32; C]; R];
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
         for b in 0..nb {
@@ -430,6 +433,13 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
                 let (dw, dmin) = (f16_at(x[r]), f16_at(x[r].add(2)));
                 let mins = _mm256_extracti128_si256::<1>(scales_mins[r]);
                 for c in 0..C {
+                    if !FIVE_BITS {
+                        let sumi = hsum_i32(sums[r][c]);
+                        let summ = hsum_i32(_mm256_zextsi128_si256(_mm_madd_epi16(mins, asums[c])));
+                        scaled[r][c] = fmadd(sumi as f32, dw * ad[c], scaled[r][c]);
+                        mins_acc[r][c] = fmadd(summ as f32, dmin * ad[c], mins_acc[r][c]);
+                        continue;
+                    }
                     let min_dot = _mm256_zextsi128_si256(_mm_madd_epi16(mins, asums[c]));
                     acc[r][c] = _mm256_fmadd_ps(
                         _mm256_set1_ps(dw * ad[c]),
@@ -445,7 +455,17 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
             }
         }
     }
+    if !FIVE_BITS {
+        return array_of!([0.0; C]; R, |r| array_of!(0.0; C, |c| scaled[r][c] - mins_acc[r][c]));
+    }
     hsum_all(acc)
+}
+
+/// `a * b + c` with one rounding.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) fn fmadd(a: f32, b: f32, c: f32) -> f32 {
+    _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)))
 }
 
 /// Q6_K x Q8_K: 6-bit values (0..63) times a per 16-value scale, minus

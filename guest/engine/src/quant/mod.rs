@@ -29,6 +29,7 @@ macro_rules! array_of {
 mod avx2;
 mod avx512;
 mod cpu;
+mod f16_vec;
 mod half;
 mod scalar;
 #[cfg(test)]
@@ -245,6 +246,52 @@ impl Kernels {
 
     pub fn level(&self) -> SimdLevel {
         self.level
+    }
+
+    /// `a * b + c` with one rounding, as ggml's compiled C computes the
+    /// expressions the compiler contracted to FMA instructions.
+    pub fn fmadd(&self, a: f32, b: f32, c: f32) -> f32 {
+        match self.level {
+            SimdLevel::Scalar => libm::fmaf(a, b, c),
+            // SAFETY: a non-scalar level is only constructed when the CPU and OS support AVX2, FMA and F16C.
+            _ => unsafe { avx2::fmadd(a, b, c) },
+        }
+    }
+
+    /// Dot product of two f16 rows (ggml-cpu's `ggml_vec_dot_f16` order).
+    pub fn dot_f16(&self, x: &[u16], y: &[u16]) -> f32 {
+        match self.level {
+            SimdLevel::Scalar => f16_vec::dot(x, y),
+            // SAFETY: a non-scalar level is only constructed when the CPU and OS support AVX2, FMA and F16C.
+            _ => unsafe { f16_vec::avx2::dot(x, y) },
+        }
+    }
+
+    /// `y = f16(y + x * v)` element-wise (`ggml_vec_mad_f16`).
+    pub fn mad_f16(&self, y: &mut [u16], x: &[u16], v: f32) {
+        match self.level {
+            SimdLevel::Scalar => f16_vec::mad(y, x, v),
+            // SAFETY: as in `dot_f16`.
+            _ => unsafe { f16_vec::avx2::mad(y, x, v) },
+        }
+    }
+
+    /// `y = f16(y * v)` element-wise (`ggml_vec_scale_f16`).
+    pub fn scale_f16(&self, y: &mut [u16], v: f32) {
+        match self.level {
+            SimdLevel::Scalar => f16_vec::scale(y, v),
+            // SAFETY: as in `dot_f16`.
+            _ => unsafe { f16_vec::avx2::scale(y, v) },
+        }
+    }
+
+    /// Rounds an f32 row to f16 (nearest even).
+    pub fn f32_to_f16_row(&self, out: &mut [u16], x: &[f32]) {
+        match self.level {
+            SimdLevel::Scalar => f16_vec::from_f32(out, x),
+            // SAFETY: as in `dot_f16`.
+            _ => unsafe { f16_vec::avx2::from_f32(out, x) },
+        }
     }
 
     /// Converts one activation row to `act` (the `act_type()` of the weights it

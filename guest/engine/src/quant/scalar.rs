@@ -146,25 +146,22 @@ pub(super) fn dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
                 sumi as f32 * (f16_at(x, 0) * f16_at(y, 0))
             })
             .sum(),
-        GgmlType::Q4_K | GgmlType::Q5_K => blocks
+        GgmlType::Q4_K => {
+            // As llama.cpp's repacked Q4_K kernels (used for every Q4_K matrix
+            // on AVX2 CPUs): exact integer sums per block, the scaled and the
+            // min parts accumulated separately with FMA, subtracted at the end.
+            let (mut scaled, mut mins) = (0.0f32, 0.0f32);
+            for (x, y) in blocks {
+                let (sumi, summ) = k4_block_sums(ty, x, y);
+                let d = f32_at(y, 0);
+                scaled = libm::fmaf(sumi as f32, f16_at(x, 0) * d, scaled);
+                mins = libm::fmaf(summ as f32, f16_at(x, 2) * d, mins);
+            }
+            scaled - mins
+        }
+        GgmlType::Q5_K => blocks
             .map(|(x, y)| {
-                let mut sumi = 0;
-                let mut summ = 0;
-                for j in 0..8 {
-                    let (sc, m) = k4_scale_min(&x[4..16], j);
-                    let dot: i32 = (32 * j..32 * j + 32)
-                        .map(|v| {
-                            let q = if ty == GgmlType::Q4_K {
-                                k4_nibble(&x[16..], v)
-                            } else {
-                                q5_k_value(x, v)
-                            };
-                            q * q8(y, 4, v)
-                        })
-                        .sum();
-                    sumi += sc * dot;
-                    summ += m * (i16_at(y, 260 + 4 * j) + i16_at(y, 262 + 4 * j));
-                }
+                let (sumi, summ) = k4_block_sums(ty, x, y);
                 let d = f32_at(y, 0);
                 d * f16_at(x, 0) * sumi as f32 - d * f16_at(x, 2) * summ as f32
             })
@@ -189,6 +186,29 @@ pub(super) fn dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
             })
             .sum(),
     }
+}
+
+/// For one Q4_K/Q5_K block x and Q8_K block y: (sum of scale_j * dot_j,
+/// sum of min_j * (sum of y's sub-block j)).
+fn k4_block_sums(ty: GgmlType, x: &[u8], y: &[u8]) -> (i32, i32) {
+    let mut sumi = 0;
+    let mut summ = 0;
+    for j in 0..8 {
+        let (sc, m) = k4_scale_min(&x[4..16], j);
+        let dot: i32 = (32 * j..32 * j + 32)
+            .map(|v| {
+                let q = if ty == GgmlType::Q4_K {
+                    k4_nibble(&x[16..], v)
+                } else {
+                    q5_k_value(x, v)
+                };
+                q * i8_at(y, 4 + v)
+            })
+            .sum();
+        sumi += sc * dot;
+        summ += m * (i16_at(y, 260 + 4 * j) + i16_at(y, 262 + 4 * j));
+    }
+    (sumi, summ)
 }
 
 fn bf16_at(b: &[u8]) -> f32 {
