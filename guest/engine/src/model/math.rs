@@ -204,7 +204,7 @@ mod tests {
         assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
         assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
-        let mut table = vec![0u16; 1 << 16];
+        let mut table = alloc::vec![0u16; 1 << 16];
         gelu_f16_table(&mut table);
         assert!((gelu_ggml(&table, 1.0) - 0.841_192).abs() < 1e-3);
         assert!((gelu_ggml(&table, -0.5) - gelu_tanh(-0.5)).abs() < 1e-3);
