@@ -17,6 +17,8 @@ const ACCS: usize = 4;
 const STEP: usize = LANES * ACCS;
 
 /// ggml's AVX reduction of four 8-lane accumulators to one f32.
+// Lane l of several accumulators at once: indexing reads clearer than zips.
+#[allow(clippy::needless_range_loop)]
 fn reduce(mut acc: [[f32; LANES]; ACCS]) -> f32 {
     for l in 0..LANES {
         acc[0][l] += acc[2][l];
