@@ -123,44 +123,6 @@ pub fn gelu_ggml(table: &[u16], x: f32) -> f32 {
     }
 }
 
-/// Softmax in place over `x`.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f64;
-    for v in x.iter_mut() {
-        *v = libm::expf(*v - max);
-        sum += f64::from(*v);
-    }
-    let inv = (1.0 / sum) as f32;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums let the compiler vectorize without
-    // reassociating (which it may not do for floats on its own).
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
-}
-
-/// `y += a * x`.
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yv, &xv) in y.iter_mut().zip(x) {
-        *yv += a * xv;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,10 +160,7 @@ mod tests {
     }
 
     #[test]
-    fn softmax_sums_to_one_and_activations_are_right() {
-        let mut x = [1.0, 2.0, 3.0, 1000.0];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    fn activations_are_right() {
         assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
         assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
         let mut table = alloc::vec![0u16; 1 << 16];
@@ -210,6 +169,5 @@ mod tests {
         assert!((gelu_ggml(&table, -0.5) - gelu_tanh(-0.5)).abs() < 1e-3);
         assert_eq!(gelu_ggml(&table, 12.0), 12.0);
         assert_eq!(gelu_ggml(&table, -12.0), 0.0);
-        assert_eq!(dot(&[1.0; 19], &[2.0; 19]), 38.0);
     }
 }
