@@ -16,6 +16,18 @@
 //! and 1.0-1.3 on the tiny Q8_0/Q4_K_M models (random weights make them
 //! chaotic: one int8 rounding flip in an activation moves the logits by ~1;
 //! 0 of 6 tiny Q4_K_M prompts keep their path).
+//!
+//! llama.cpp's own output also depends on the CPU it runs on (its AVX2 and
+//! AVX-512 builds sum in different orders: on Gemma 3 270M, 4 of the 8
+//! prompts keep their path between the two). The engine reproduces the
+//! arithmetic of llama.cpp's AVX2 build (f16 KV cache and flash attention,
+//! the f16 GELU table, the K-quant matmul paths), and the Gemma fixture was
+//! made by that build, so the comparison runs our AVX2 kernels on any CPU
+//! that has them: most Gemma prompts then agree bit for bit. What is left are
+//! llama.cpp's sinf/cosf (glibc), which differ from libm's in the last bit
+//! for about 1% of RoPE angles, and, for prompts of 64 tokens or more in one
+//! llama.cpp batch (not in these fixtures), its tiled flash attention (f32
+//! accumulation, SIMD exp), which the engine does not reproduce.
 
 mod common;
 
@@ -26,7 +38,7 @@ use aivmm_engine::gguf::Gguf;
 use aivmm_engine::host_pool::ThreadPool;
 use aivmm_engine::model::{Model, Session, SessionLimits};
 use aivmm_engine::parallel::{Parallel, Serial};
-use aivmm_engine::quant::Kernels;
+use aivmm_engine::quant::{Kernels, SimdLevel};
 use aivmm_engine::sampling::SamplerConfig;
 use serde::Deserialize;
 
@@ -58,6 +70,9 @@ struct Comparison {
     tokens_total: usize,
     /// Prompts whose whole continuation equals llama.cpp's.
     prompts_fully_equal: usize,
+    /// Prompts whose top-1 token after the prompt equals llama.cpp's.
+    top1_equal: usize,
+    prompts: usize,
 }
 
 fn load_fixture(name: &str) -> GreedyFixture {
@@ -103,12 +118,16 @@ fn compare(name: &str, par: &dyn Parallel, spread: f32) -> Comparison {
         max_batch: 32,
         max_workers: par.n_workers(),
     };
-    let mut session = Session::new(&model, limits, Kernels::detect());
+    // The fixtures are llama.cpp's AVX2 arithmetic, which our AVX2 kernels follow.
+    let kernels = Kernels::with_level(SimdLevel::Avx2).unwrap_or_else(Kernels::detect);
+    let mut session = Session::new(&model, limits, kernels);
     let mut result = Comparison {
         max_logit_diff: 0.0,
         tokens_equal: 0,
         tokens_total: 0,
         prompts_fully_equal: 0,
+        top1_equal: 0,
+        prompts: fixture.cases.len(),
     };
 
     for case in &fixture.cases {
@@ -146,7 +165,7 @@ fn compare(name: &str, par: &dyn Parallel, spread: f32) -> Comparison {
             )
             .0;
         // The top-1 is the first greedy token: it may differ only at a near-tie (checked below).
-        let _ = (ours_top1, theirs_top1);
+        result.top1_equal += usize::from(ours_top1 == theirs_top1);
         let mut case_diff = 0f32;
         for &(id, l) in &expected {
             let d = (logits[id as usize] - l).abs();
@@ -197,11 +216,13 @@ fn compare(name: &str, par: &dyn Parallel, spread: f32) -> Comparison {
         }
     }
     println!(
-        "{name}: {} of {} prompts fully equal to llama.cpp; {} of {} greedy tokens equal; max |logit diff| after prompt {:.4}",
+        "{name}: {} of {} prompts fully equal to llama.cpp; {} of {} greedy tokens equal; top-1 after the prompt equal for {} of {}; max |logit diff| after prompt {:.4}",
         result.prompts_fully_equal,
         fixture.cases.len(),
         result.tokens_equal,
         result.tokens_total,
+        result.top1_equal,
+        result.prompts,
         result.max_logit_diff
     );
     assert!(
@@ -214,16 +235,20 @@ fn compare(name: &str, par: &dyn Parallel, spread: f32) -> Comparison {
 
 #[test]
 fn gemma3_270m_matches_llama_cpp() {
-    // Every divergence must be a near-tie at llama.cpp's own resolution; how
-    // many prompts stay equal for all 64 tokens is reported, not asserted
-    // (llama.cpp with flash attention off itself changes several of them).
+    // The acceptance of the engine: for at least 5 prompts the first 64
+    // greedy tokens equal llama.cpp's, and the top-1 token after every prompt
+    // is llama.cpp's (with the max |logit difference| reported above). Every
+    // other divergence must still be a near-tie (checked in `compare`).
     let r = compare("gemma3-270m-q4_k_m", &Serial, 1.4);
-    // llama.cpp against itself keeps 49% of the tokens; far below that means a real bug.
     assert!(
-        r.tokens_equal * 10 >= r.tokens_total * 3,
-        "only {} of {} greedy tokens equal",
-        r.tokens_equal,
-        r.tokens_total
+        r.prompts_fully_equal >= 5,
+        "only {} of {} prompts keep llama.cpp's 64 greedy tokens",
+        r.prompts_fully_equal,
+        r.prompts
+    );
+    assert_eq!(
+        r.top1_equal, r.prompts,
+        "top-1 after the prompt differs from llama.cpp's"
     );
 }
 
@@ -231,6 +256,7 @@ fn gemma3_270m_matches_llama_cpp() {
 fn tiny_llama_f16_matches_llama_cpp() {
     let r = compare("tiny-llama-f16", &Serial, 0.05);
     assert_eq!(r.tokens_equal, r.tokens_total);
+    assert_eq!(r.top1_equal, r.prompts);
 }
 
 #[test]
@@ -247,6 +273,7 @@ fn tiny_llama_q4_k_m_matches_llama_cpp() {
 fn tiny_qwen2_matches_llama_cpp() {
     let r = compare("tiny-qwen2-f16", &Serial, 0.05);
     assert_eq!(r.tokens_equal, r.tokens_total);
+    assert_eq!(r.top1_equal, r.prompts);
 }
 
 /// Splitting the work across threads changes nothing: every output row and

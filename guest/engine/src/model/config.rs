@@ -69,6 +69,9 @@ pub struct Config {
     pub ffn_activation: FfnActivation,
     /// Scale of Q·K.
     pub attn_scale: f32,
+    /// Whether the scale multiplies Q before attention (Gemma, as llama.cpp's
+    /// graph does) rather than the scores: Q is rounded to f16 after it.
+    pub scale_q: bool,
     pub final_logit_softcap: Option<f32>,
 }
 
@@ -213,6 +216,7 @@ impl Config {
             embd_scale,
             ffn_activation,
             attn_scale: 1.0 / libm::sqrtf(head_dim as f32),
+            scale_q: arch == Arch::Gemma3,
             final_logit_softcap: g
                 .get_f32(&key("final_logit_softcapping"))
                 .filter(|&c| c > 0.0),

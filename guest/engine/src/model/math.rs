@@ -1,6 +1,8 @@
 //! Element-wise operations of the forward pass, written to match llama.cpp's
 //! CPU results closely (f64 accumulation in RMSNorm, iterative RoPE angles).
 
+use crate::quant::{f16_to_f32, f32_to_f16, Kernels};
+
 /// Sum of squares as ggml computes it: each square in f32, summed in f64.
 fn sum_of_squares(x: &[f32]) -> f64 {
     x.iter().map(|&v| f64::from(v * v)).sum()
@@ -35,32 +37,51 @@ pub enum RopePairing {
     Neox,
 }
 
-/// Rotates the first `n_rot` dims of one head vector for position `pos`.
-/// `freq_factors` (Llama 3 `rope_freqs`) divide the angle of each pair.
-pub fn rope(
-    head: &mut [f32],
-    n_rot: usize,
+/// The cosine and sine of each rotated pair's angle at `pos`, interleaved
+/// (`angles[2i]`, `angles[2i + 1]`), computed once per position like ggml's
+/// RoPE cache. `freq_factors` (Llama 3 `rope_freqs`) divide each pair's angle.
+pub fn rope_angles(
+    angles: &mut [f32],
     pos: usize,
     base: f32,
     freq_scale: f32,
-    pairing: RopePairing,
     freq_factors: Option<&[f32]>,
 ) {
-    let theta_scale = libm::powf(base, -2.0 / n_rot as f32);
+    let n_rot = angles.len();
+    // Rounded from f64: agrees with glibc's powf (which llama.cpp calls) where
+    // libm's powf is off by an ulp for some of these exponents.
+    let theta_scale = libm::pow(f64::from(base), f64::from(-2.0 / n_rot as f32)) as f32;
     let mut theta = pos as f32;
-    for i in 0..n_rot / 2 {
+    for (i, cs) in angles.chunks_exact_mut(2).enumerate() {
         let factor = freq_factors.map_or(1.0, |f| f[i]);
-        let angle = freq_scale * theta / factor;
-        let (sin, cos) = (libm::sinf(angle), libm::cosf(angle));
+        let angle = freq_scale * (theta / factor);
+        cs[0] = libm::cosf(angle);
+        cs[1] = libm::sinf(angle);
+        theta *= theta_scale;
+    }
+}
+
+/// Rotates the first `angles.len()` dims of one head vector by the angles of
+/// [`rope_angles`]. The rotation is rounded like ggml's compiled code, which
+/// fuses one product of each output into an FMA.
+pub fn rope(head: &mut [f32], angles: &[f32], pairing: RopePairing, kernels: &Kernels) {
+    let n_rot = angles.len();
+    for (i, cs) in angles.chunks_exact(2).enumerate() {
+        let (cos, sin) = (cs[0], cs[1]);
         let (a, b) = match pairing {
             RopePairing::Adjacent => (2 * i, 2 * i + 1),
             RopePairing::Neox => (i, i + n_rot / 2),
         };
         let (x0, x1) = (head[a], head[b]);
-        head[a] = x0 * cos - x1 * sin;
-        head[b] = x0 * sin + x1 * cos;
-        theta *= theta_scale;
+        head[a] = kernels.fmadd(x0, cos, -(x1 * sin));
+        head[b] = kernels.fmadd(x0, sin, x1 * cos);
     }
+}
+
+/// e^x rounded from f64: agrees with glibc's expf (which llama.cpp's attention
+/// calls) on all but ~0.02% of inputs, where libm's expf differs on ~9%.
+pub fn exp(x: f32) -> f32 {
+    libm::exp(f64::from(x)) as f32
 }
 
 pub fn silu(x: f32) -> f32 {
@@ -68,45 +89,37 @@ pub fn silu(x: f32) -> f32 {
 }
 
 pub fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    #[allow(clippy::excessive_precision)]
+    const SQRT_2_OVER_PI: f32 = 0.797_884_560_802_865_355_879_892_119_868_76;
     0.5 * x * (1.0 + libm::tanhf(SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)))
 }
 
-/// Softmax in place over `x`.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f64;
-    for v in x.iter_mut() {
-        *v = libm::expf(*v - max);
-        sum += f64::from(*v);
-    }
-    let inv = (1.0 / sum) as f32;
-    for v in x.iter_mut() {
-        *v *= inv;
+/// ggml-cpu's GELU table (GGML_GELU_FP16): the GELU of every f16 value,
+/// rounded to f16, computed as ggml's compiled code does (one FMA in the
+/// cubic term). `table` holds 65536 entries, indexed by f16 bits.
+pub fn gelu_f16_table(table: &mut [u16]) {
+    #[allow(clippy::excessive_precision)]
+    const SQRT_2_OVER_PI: f32 = 0.797_884_560_802_865_355_879_892_119_868_76;
+    const COEF_A: f32 = 0.044_715;
+    for (bits, out) in table.iter_mut().enumerate() {
+        let x = f16_to_f32(bits as u16);
+        let inner = libm::fmaf(COEF_A * x, x, 1.0);
+        let y = 0.5 * x * (1.0 + libm::tanhf(SQRT_2_OVER_PI * x * inner));
+        *out = f32_to_f16(y);
     }
 }
 
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums let the compiler vectorize without
-    // reassociating (which it may not do for floats on its own).
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
-}
-
-/// `y += a * x`.
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yv, &xv) in y.iter_mut().zip(x) {
-        *yv += a * xv;
+/// GELU as ggml-cpu computes it: the input rounded to f16 and looked up in
+/// [`gelu_f16_table`], identity above 10 and zero below -10. The f16
+/// roundings are far larger than any summation-order effect, so matching
+/// llama.cpp needs them.
+pub fn gelu_ggml(table: &[u16], x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        f16_to_f32(table[usize::from(f32_to_f16(x))])
     }
 }
 
@@ -126,11 +139,14 @@ mod tests {
     #[test]
     fn rope_pairings_rotate_the_right_elements() {
         // At position 1, pair 0 rotates by exactly 1 radian in both pairings.
+        let k = Kernels::detect();
+        let mut angles = [0.0; 4];
+        rope_angles(&mut angles, 1, 10000.0, 1.0, None);
         let mut adj = [1.0, 0.0, 1.0, 0.0];
-        rope(&mut adj, 4, 1, 10000.0, 1.0, RopePairing::Adjacent, None);
+        rope(&mut adj, &angles, RopePairing::Adjacent, &k);
         assert!((adj[0] - libm::cosf(1.0)).abs() < 1e-6 && (adj[1] - libm::sinf(1.0)).abs() < 1e-6);
         let mut neox = [1.0, 1.0, 0.0, 0.0];
-        rope(&mut neox, 4, 1, 10000.0, 1.0, RopePairing::Neox, None);
+        rope(&mut neox, &angles, RopePairing::Neox, &k);
         assert!(
             (neox[0] - libm::cosf(1.0)).abs() < 1e-6 && (neox[2] - libm::sinf(1.0)).abs() < 1e-6
         );
@@ -138,17 +154,20 @@ mod tests {
         assert!((neox[3] - libm::sinf(0.01)).abs() < 1e-6);
         // Position 0 is the identity.
         let mut id = [0.3, -0.7, 0.2, 0.9];
-        rope(&mut id, 4, 0, 10000.0, 1.0, RopePairing::Neox, None);
+        rope_angles(&mut angles, 0, 10000.0, 1.0, None);
+        rope(&mut id, &angles, RopePairing::Neox, &k);
         assert_eq!(id, [0.3, -0.7, 0.2, 0.9]);
     }
 
     #[test]
-    fn softmax_sums_to_one_and_activations_are_right() {
-        let mut x = [1.0, 2.0, 3.0, 1000.0];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    fn activations_are_right() {
         assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
         assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
-        assert_eq!(dot(&[1.0; 19], &[2.0; 19]), 38.0);
+        let mut table = alloc::vec![0u16; 1 << 16];
+        gelu_f16_table(&mut table);
+        assert!((gelu_ggml(&table, 1.0) - 0.841_192).abs() < 1e-3);
+        assert!((gelu_ggml(&table, -0.5) - gelu_tanh(-0.5)).abs() < 1e-3);
+        assert_eq!(gelu_ggml(&table, 12.0), 12.0);
+        assert_eq!(gelu_ggml(&table, -12.0), 0.0);
     }
 }

@@ -20,7 +20,7 @@ use weights::{Matrix, Weights};
 
 use crate::gguf::Gguf;
 use crate::parallel::{ChunkCounter, DisjointSlice, Parallel};
-use crate::quant::{dequantize_row, GgmlType, Kernels};
+use crate::quant::{dequantize_row, f16_to_f32, GgmlType, Kernels};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// Why a model can't be loaded or run.
@@ -159,8 +159,10 @@ pub struct Session {
     kernels: Kernels,
     /// The tokens whose keys and values are in the cache, in order.
     cached: Vec<u32>,
-    k_cache: Vec<f32>,
-    v_cache: Vec<f32>,
+    /// Keys and values as f16, like llama.cpp's default cache types: half
+    /// the memory traffic of f32, and the same roundings as llama.cpp.
+    k_cache: Vec<u16>,
+    v_cache: Vec<u16>,
     x: Vec<f32>,
     xb: Vec<f32>,
     q: Vec<f32>,
@@ -171,7 +173,12 @@ pub struct Session {
     gate: Vec<f32>,
     up: Vec<f32>,
     input: QuantizedInput,
-    scores: Vec<f32>,
+    /// Per worker: one query head and the value accumulator, in f16.
+    attn_scratch: Vec<u16>,
+    /// RoPE cosines and sines of the position being processed.
+    rope_angles: Vec<f32>,
+    /// GELU of every f16 value (GELU models only, else empty).
+    gelu_table: Vec<u16>,
     chunk_out: Vec<f32>,
     logits: Vec<f32>,
 }
@@ -233,11 +240,21 @@ impl Session {
     pub fn memory_required(model: &Model<'_>, limits: &SessionLimits) -> usize {
         let c = &model.config;
         let b = limits.max_batch;
-        let floats = 2 * c.n_layer * limits.n_ctx * c.kv_dim()
-            + b * (c.n_embd * 3 + c.q_dim() * 2 + c.kv_dim() * 2 + c.n_ff * 2)
-            + limits.max_workers * (limits.n_ctx + MAX_CHUNK_ROWS * b)
+        let halves =
+            2 * c.n_layer * limits.n_ctx * c.kv_dim() + limits.max_workers * 2 * c.head_dim;
+        let floats = b * (c.n_embd * 3 + c.q_dim() * 2 + c.kv_dim() * 2 + c.n_ff * 2)
+            + limits.max_workers * MAX_CHUNK_ROWS * b
+            + c.n_rot
             + c.n_vocab;
-        floats * 4 + b * Self::max_act_row_bytes(model)
+        let gelu = Self::gelu_table_len(c);
+        (halves + gelu) * 2 + floats * 4 + b * Self::max_act_row_bytes(model)
+    }
+
+    fn gelu_table_len(c: &Config) -> usize {
+        match c.ffn_activation {
+            FfnActivation::GeluTanh => 1 << 16,
+            FfnActivation::Silu => 0,
+        }
     }
 
     pub fn new(model: &Model<'_>, limits: SessionLimits, kernels: Kernels) -> Self {
@@ -252,8 +269,8 @@ impl Session {
             limits,
             kernels,
             cached: Vec::with_capacity(limits.n_ctx),
-            k_cache: vec![0.0; kv],
-            v_cache: vec![0.0; kv],
+            k_cache: vec![0; kv],
+            v_cache: vec![0; kv],
             x: vec![0.0; b * c.n_embd],
             xb: vec![0.0; b * c.n_embd],
             q: vec![0.0; b * c.q_dim()],
@@ -267,7 +284,15 @@ impl Session {
                 buf: vec![0; b * Self::max_act_row_bytes(model)],
                 ty: None,
             },
-            scores: vec![0.0; limits.max_workers * limits.n_ctx],
+            attn_scratch: vec![0; limits.max_workers * 2 * c.head_dim],
+            rope_angles: vec![0.0; c.n_rot],
+            gelu_table: {
+                let mut table = vec![0; Self::gelu_table_len(c)];
+                if !table.is_empty() {
+                    math::gelu_f16_table(&mut table);
+                }
+                table
+            },
             chunk_out: vec![0.0; limits.max_workers * MAX_CHUNK_ROWS * b],
             logits: vec![0.0; c.n_vocab],
         }
@@ -418,23 +443,32 @@ impl Session {
             let freqs = w.rope_freqs.as_deref();
             for t in 0..b {
                 let pos = pos0 + t;
+                let angles = &mut self.rope_angles[..c.n_rot];
+                math::rope_angles(angles, pos, base, freq_scale, freqs);
                 for head in self.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
                     if let Some(norm) = &layer.q_norm {
                         math::rms_norm_inplace(head, norm, c.norm_eps);
                     }
-                    math::rope(head, c.n_rot, pos, base, freq_scale, c.rope_pairing, freqs);
+                    math::rope(head, angles, c.rope_pairing, &self.kernels);
                 }
                 for head in self.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
                     if let Some(norm) = &layer.k_norm {
                         math::rms_norm_inplace(head, norm, c.norm_eps);
                     }
-                    math::rope(head, c.n_rot, pos, base, freq_scale, c.rope_pairing, freqs);
+                    math::rope(head, angles, c.rope_pairing, &self.kernels);
                 }
+            }
+            if c.scale_q {
+                let s = c.attn_scale;
+                self.q[..b * q_dim].iter_mut().for_each(|v| *v *= s);
             }
             let layer_base = il * self.limits.n_ctx * kv_dim;
             let at = layer_base + pos0 * kv_dim;
-            self.k_cache[at..at + b * kv_dim].copy_from_slice(&self.k[..b * kv_dim]);
-            self.v_cache[at..at + b * kv_dim].copy_from_slice(&self.v[..b * kv_dim]);
+            let kv = at..at + b * kv_dim;
+            self.kernels
+                .f32_to_f16_row(&mut self.k_cache[kv.clone()], &self.k[..b * kv_dim]);
+            self.kernels
+                .f32_to_f16_row(&mut self.v_cache[kv], &self.v[..b * kv_dim]);
             let window = if c.is_sliding(il) {
                 c.sliding_window.map(|(w, _)| w)
             } else {
@@ -481,7 +515,7 @@ impl Session {
             for (g, u) in self.gate[..b * n_ff].iter_mut().zip(&self.up[..b * n_ff]) {
                 *g = match c.ffn_activation {
                     FfnActivation::Silu => math::silu(*g),
-                    FfnActivation::GeluTanh => math::gelu_tanh(*g),
+                    FfnActivation::GeluTanh => math::gelu_ggml(&self.gelu_table, *g),
                 } * u;
             }
             self.input.invalidate();
@@ -542,7 +576,11 @@ impl Session {
     }
 
     /// Causal (optionally sliding-window) grouped-query attention of the batch's
-    /// queries against the cache, one (token, head) pair per work item.
+    /// queries against the f16 cache, one (token, head) pair per work item.
+    ///
+    /// The arithmetic is ggml-cpu's flash attention with an f16 cache: the
+    /// query rounded to f16, f16 dot products, an online softmax over the
+    /// positions in order, and the weighted sum of values accumulated in f16.
     fn attention(
         &mut self,
         c: &Config,
@@ -552,33 +590,46 @@ impl Session {
         window: Option<usize>,
         par: &dyn Parallel,
     ) {
-        let (hd, q_dim, kv_dim, n_ctx) = (c.head_dim, c.q_dim(), c.kv_dim(), self.limits.n_ctx);
+        let (hd, q_dim, kv_dim) = (c.head_dim, c.q_dim(), c.kv_dim());
         let group = c.n_head / c.n_head_kv;
+        let score_scale = if c.scale_q { 1.0 } else { c.attn_scale };
+        let kernels = &self.kernels;
         let (q, k_cache, v_cache) = (&self.q, &self.k_cache, &self.v_cache);
         let att = DisjointSlice::new(&mut self.att);
-        let scores = DisjointSlice::new(&mut self.scores);
+        let scratch = DisjointSlice::new(&mut self.attn_scratch);
         let items = ChunkCounter::new(b * c.n_head, 1);
         par.run(&|worker| {
-            // SAFETY: each worker uses only its own scores row.
-            let scores = unsafe { scores.range(worker * n_ctx..(worker + 1) * n_ctx) };
+            // SAFETY: each worker uses only its own scratch block.
+            let scratch = unsafe { scratch.range(worker * 2 * hd..(worker + 1) * 2 * hd) };
+            let (q16, acc) = scratch.split_at_mut(hd);
             while let Some(item) = items.next() {
                 let (t, h) = (item.start / c.n_head, item.start % c.n_head);
                 let pos = pos0 + t;
                 let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+                kernels.f32_to_f16_row(q16, &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd]);
                 let kv_off = (h / group) * hd;
-                let s = &mut scores[first..=pos];
-                for (j, sc) in (first..=pos).zip(s.iter_mut()) {
-                    let kr = layer_base + j * kv_dim + kv_off;
-                    *sc = math::dot(qh, &k_cache[kr..kr + hd]) * c.attn_scale;
+                acc.fill(0);
+                let (mut sum, mut max) = (0.0f32, f32::NEG_INFINITY);
+                for j in first..=pos {
+                    let start = layer_base + j * kv_dim + kv_off;
+                    let s = kernels.dot_f16(&k_cache[start..start + hd], q16) * score_scale;
+                    let (mut ms, mut vs) = (1.0f32, 1.0f32);
+                    if s > max {
+                        ms = math::exp(max - s);
+                        max = s;
+                        kernels.scale_f16(acc, ms);
+                    } else {
+                        vs = math::exp(s - max);
+                    }
+                    kernels.mad_f16(acc, &v_cache[start..start + hd], vs);
+                    // ggml's compiled code fuses this into an FMA.
+                    sum = kernels.fmadd(sum, ms, vs);
                 }
-                math::softmax(s);
+                let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
                 // SAFETY: (t, h) items are handed out once each; their output ranges are disjoint.
                 let out = unsafe { att.range(t * q_dim + h * hd..t * q_dim + (h + 1) * hd) };
-                out.fill(0.0);
-                for (j, &p) in (first..=pos).zip(s.iter()) {
-                    let vr = layer_base + j * kv_dim + kv_off;
-                    math::axpy(out, p, &v_cache[vr..vr + hd]);
+                for (o, &a) in out.iter_mut().zip(acc.iter()) {
+                    *o = f16_to_f32(a) * inv;
                 }
             }
         });

@@ -15,7 +15,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{scalar, GgmlType, TileKernels};
+use super::{scalar, GgmlType, KPath, TileKernels};
 
 pub(super) struct Tiles;
 
@@ -25,9 +25,10 @@ impl TileKernels for Tiles {
         n: usize,
         w: [&[u8]; R],
         a: [&[u8]; C],
+        kpath: KPath,
     ) -> [[f32; C]; R] {
         // SAFETY: `Tiles` is only used by `Kernels` of a level that implies AVX2, FMA and F16C.
-        unsafe { tile(ty, n, w, a) }
+        unsafe { tile(ty, n, w, a, kpath) }
     }
 }
 
@@ -41,6 +42,7 @@ pub(super) unsafe fn tile<const R: usize, const C: usize>(
     n: usize,
     w: [&[u8]; R],
     a: [&[u8]; C],
+    kpath: KPath,
 ) -> [[f32; C]; R] {
     let nb = n / ty.block_len();
     let row_bytes = nb * ty.block_bytes();
@@ -57,13 +59,13 @@ pub(super) unsafe fn tile<const R: usize, const C: usize>(
             GgmlType::Q5_0 => q5_0(nb, wp, ap),
             GgmlType::Q4_1 => q4_1(nb, wp, ap),
             GgmlType::Q5_1 => q5_1(nb, wp, ap),
-            GgmlType::Q4_K => q4_k(nb, wp, ap),
+            GgmlType::Q4_K => q4_k(nb, wp, ap, kpath == KPath::Gemm4),
             GgmlType::Q5_K => q5_k(nb, wp, ap),
-            GgmlType::Q6_K => q6_k(nb, wp, ap),
+            GgmlType::Q6_K => q6_k(nb, wp, ap, kpath == KPath::Tiled),
             GgmlType::F32 => floats::<R, C, F32>(nb, wp, ap),
             GgmlType::F16 => floats::<R, C, F16>(nb, wp, ap),
             GgmlType::BF16 => floats::<R, C, BF16>(nb, wp, ap),
-            GgmlType::Q8_1 | GgmlType::Q8_K => scalar::Tiles::tile(ty, n, w, a),
+            GgmlType::Q8_1 | GgmlType::Q8_K => scalar::Tiles::tile(ty, n, w, a, kpath),
         }
     }
 }
@@ -354,9 +356,10 @@ unsafe fn q4_k<const R: usize, const C: usize>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    pairs: bool,
 ) -> [[f32; C]; R] {
     // SAFETY: forwarded contract.
-    unsafe { k4_blocks::<R, C, false>(nb, w, a) }
+    unsafe { k4_blocks::<R, C, false>(nb, w, a, pairs) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -366,19 +369,26 @@ unsafe fn q5_k<const R: usize, const C: usize>(
     a: [*const u8; C],
 ) -> [[f32; C]; R] {
     // SAFETY: forwarded contract.
-    unsafe { k4_blocks::<R, C, true>(nb, w, a) }
+    unsafe { k4_blocks::<R, C, true>(nb, w, a, false) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+/// Q4_K follows llama.cpp's repacked kernels (see `KPath`): exact integer
+/// sums per block, or per 64 values when `pairs`, scaled into two FMA chains.
 unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    pairs: bool,
 ) -> [[f32; C]; R] {
+    let pairs = pairs && !FIVE_BITS;
     let (block, qs_at) = if FIVE_BITS { (176, 48) } else { (144, 16) };
     let low4 = _mm256_set1_epi8(0x0f);
     let bit4 = _mm256_set1_epi8(0x10);
     let mut acc = [[_mm256_setzero_ps(); C]; R];
+    // Q4_K: the scaled and the min sums of the whole rows (see `scalar::dot`).
+    let mut scaled = [[0.0f32; C]; R];
+    let mut mins_acc = [[0.0f32; C]; R];
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
         for b in 0..nb {
@@ -393,6 +403,7 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
             // (16-bit shifts: the bits crossing between bytes never land on bit 4).
             let mut high = array_of!(low4; R, |r| if FIVE_BITS { _mm256_slli_epi16::<4>(load256(x[r].add(16))) } else { low4 });
             let mut sums = [[_mm256_setzero_si256(); C]; R];
+            let dw = array_of!(0.0; R, |r| f16_at(x[r]));
             for j in 0..4 {
                 let mut lo = [low4; R];
                 let mut hi = [low4; R];
@@ -425,11 +436,36 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
                         sums[r][c] = _mm256_add_epi32(sums[r][c], _mm256_add_epi32(pl, ph));
                     }
                 }
+                if pairs {
+                    for r in 0..R {
+                        for c in 0..C {
+                            let sumi = hsum_i32(sums[r][c]);
+                            scaled[r][c] = fmadd(sumi as f32, dw[r] * ad[c], scaled[r][c]);
+                            sums[r][c] = _mm256_setzero_si256();
+                        }
+                    }
+                }
             }
             for r in 0..R {
-                let (dw, dmin) = (f16_at(x[r]), f16_at(x[r].add(2)));
+                let (dw, dmin) = (dw[r], f16_at(x[r].add(2)));
                 let mins = _mm256_extracti128_si256::<1>(scales_mins[r]);
                 for c in 0..C {
+                    if !FIVE_BITS {
+                        // Lane j: the mins of sub-blocks 2j and 2j + 1 times their activation sums.
+                        let min_dots = _mm_madd_epi16(mins, asums[c]);
+                        if pairs {
+                            let lanes: [i32; 4] = core::mem::transmute(min_dots);
+                            for summ in lanes {
+                                mins_acc[r][c] = fmadd(summ as f32, dmin * ad[c], mins_acc[r][c]);
+                            }
+                        } else {
+                            let sumi = hsum_i32(sums[r][c]);
+                            let summ = hsum_i32(_mm256_zextsi128_si256(min_dots));
+                            scaled[r][c] = fmadd(sumi as f32, dw * ad[c], scaled[r][c]);
+                            mins_acc[r][c] = fmadd(summ as f32, dmin * ad[c], mins_acc[r][c]);
+                        }
+                        continue;
+                    }
                     let min_dot = _mm256_zextsi128_si256(_mm_madd_epi16(mins, asums[c]));
                     acc[r][c] = _mm256_fmadd_ps(
                         _mm256_set1_ps(dw * ad[c]),
@@ -445,17 +481,30 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
             }
         }
     }
+    if !FIVE_BITS {
+        return array_of!([0.0; C]; R, |r| array_of!(0.0; C, |c| scaled[r][c] - mins_acc[r][c]));
+    }
     hsum_all(acc)
+}
+
+/// `a * b + c` with one rounding.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) fn fmadd(a: f32, b: f32, c: f32) -> f32 {
+    _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)))
 }
 
 /// Q6_K x Q8_K: 6-bit values (0..63) times a per 16-value scale, minus
 /// 32 * sum(scale_k * bsum_k).
 #[target_feature(enable = "avx2,fma,f16c")]
+/// With `tiled`, as llama.cpp's tiled matmul (see `KPath::Tiled`).
 unsafe fn q6_k<const R: usize, const C: usize>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    tiled: bool,
 ) -> [[f32; C]; R] {
+    let mut out = [[0.0f32; C]; R];
     let low4 = _mm256_set1_epi8(0x0f);
     let bits45 = _mm256_set1_epi8(0x30);
     let mut acc = [[_mm256_setzero_ps(); C]; R];
@@ -526,6 +575,11 @@ unsafe fn q6_k<const R: usize, const C: usize>(
             for r in 0..R {
                 let dw = f16_at(x[r].add(208));
                 for c in 0..C {
+                    if tiled {
+                        let sumi = hsum_i32(sums[r][c]);
+                        out[r][c] = fmadd(dw * sumi as f32, ad[c], out[r][c]);
+                        continue;
+                    }
                     acc[r][c] = _mm256_fmadd_ps(
                         _mm256_set1_ps(dw * ad[c]),
                         _mm256_cvtepi32_ps(sums[r][c]),
@@ -534,6 +588,9 @@ unsafe fn q6_k<const R: usize, const C: usize>(
                 }
             }
         }
+    }
+    if tiled {
+        return out;
     }
     hsum_all(acc)
 }

@@ -25,7 +25,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{avx2, GgmlType, TileKernels};
+use super::{avx2, GgmlType, KPath, TileKernels};
 
 pub(super) struct Tiles<const VNNI: bool>;
 
@@ -35,6 +35,7 @@ impl<const VNNI: bool> TileKernels for Tiles<VNNI> {
         n: usize,
         w: [&[u8]; R],
         a: [&[u8]; C],
+        kpath: KPath,
     ) -> [[f32; C]; R] {
         let nb = n / ty.block_len();
         let row_bytes = nb * ty.block_bytes();
@@ -46,10 +47,12 @@ impl<const VNNI: bool> TileKernels for Tiles<VNNI> {
         // or Avx512 (plain), which the CPU supports; the slices hold nb blocks (checked).
         unsafe {
             match ty {
+                // Q4_K, and Q6_K in llama.cpp's tiled arithmetic, go to the
+                // AVX2 kernels, which follow llama.cpp (the same on AVX-512 CPUs).
+                GgmlType::Q6_K if kpath == KPath::Tiled => avx2::tile(ty, n, w, a, kpath),
                 GgmlType::Q8_0
                 | GgmlType::Q4_0
                 | GgmlType::Q5_0
-                | GgmlType::Q4_K
                 | GgmlType::Q5_K
                 | GgmlType::Q6_K => {
                     if VNNI {
@@ -58,7 +61,7 @@ impl<const VNNI: bool> TileKernels for Tiles<VNNI> {
                         tile_plain(ty, nb, wp, ap)
                     }
                 }
-                _ => avx2::tile(ty, n, w, a),
+                _ => avx2::tile(ty, n, w, a, kpath),
             }
         }
     }
@@ -111,7 +114,6 @@ unsafe fn tile_any<const R: usize, const C: usize, const VNNI: bool>(
             GgmlType::Q8_0 => blocks32::<R, C, VNNI, Q8_0>(nb, w, a),
             GgmlType::Q4_0 => blocks32::<R, C, VNNI, Q4_0>(nb, w, a),
             GgmlType::Q5_0 => blocks32::<R, C, VNNI, Q5_0>(nb, w, a),
-            GgmlType::Q4_K => k4_blocks::<R, C, VNNI, false>(nb, w, a),
             GgmlType::Q5_K => k4_blocks::<R, C, VNNI, true>(nb, w, a),
             GgmlType::Q6_K => q6_k::<R, C, VNNI>(nb, w, a),
             _ => unreachable!("{} is routed to the AVX2 kernels", ty.name()),

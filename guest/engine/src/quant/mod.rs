@@ -29,6 +29,7 @@ macro_rules! array_of {
 mod avx2;
 mod avx512;
 mod cpu;
+mod f16_vec;
 mod half;
 mod scalar;
 #[cfg(test)]
@@ -247,6 +248,52 @@ impl Kernels {
         self.level
     }
 
+    /// `a * b + c` with one rounding, as ggml's compiled C computes the
+    /// expressions the compiler contracted to FMA instructions.
+    pub fn fmadd(&self, a: f32, b: f32, c: f32) -> f32 {
+        match self.level {
+            SimdLevel::Scalar => libm::fmaf(a, b, c),
+            // SAFETY: a non-scalar level is only constructed when the CPU and OS support AVX2, FMA and F16C.
+            _ => unsafe { avx2::fmadd(a, b, c) },
+        }
+    }
+
+    /// Dot product of two f16 rows (ggml-cpu's `ggml_vec_dot_f16` order).
+    pub fn dot_f16(&self, x: &[u16], y: &[u16]) -> f32 {
+        match self.level {
+            SimdLevel::Scalar => f16_vec::dot(x, y),
+            // SAFETY: a non-scalar level is only constructed when the CPU and OS support AVX2, FMA and F16C.
+            _ => unsafe { f16_vec::avx2::dot(x, y) },
+        }
+    }
+
+    /// `y = f16(y + x * v)` element-wise (`ggml_vec_mad_f16`).
+    pub fn mad_f16(&self, y: &mut [u16], x: &[u16], v: f32) {
+        match self.level {
+            SimdLevel::Scalar => f16_vec::mad(y, x, v),
+            // SAFETY: as in `dot_f16`.
+            _ => unsafe { f16_vec::avx2::mad(y, x, v) },
+        }
+    }
+
+    /// `y = f16(y * v)` element-wise (`ggml_vec_scale_f16`).
+    pub fn scale_f16(&self, y: &mut [u16], v: f32) {
+        match self.level {
+            SimdLevel::Scalar => f16_vec::scale(y, v),
+            // SAFETY: as in `dot_f16`.
+            _ => unsafe { f16_vec::avx2::scale(y, v) },
+        }
+    }
+
+    /// Rounds an f32 row to f16 (nearest even).
+    pub fn f32_to_f16_row(&self, out: &mut [u16], x: &[f32]) {
+        match self.level {
+            SimdLevel::Scalar => f16_vec::from_f32(out, x),
+            // SAFETY: as in `dot_f16`.
+            _ => unsafe { f16_vec::avx2::from_f32(out, x) },
+        }
+    }
+
     /// Converts one activation row to `act` (the `act_type()` of the weights it
     /// will meet). `dst.len()` must be `act.row_bytes(src.len())`.
     pub fn quantize_row(&self, act: GgmlType, src: &[f32], dst: &mut [u8]) {
@@ -320,6 +367,22 @@ fn row_bytes_checked(ty: GgmlType, n: usize) -> usize {
 ///
 /// Implementations may only be reachable through a [`Kernels`] whose level the
 /// CPU supports; that is what makes their `tile` safe to call.
+/// Which of llama.cpp's CPU matmul paths a K-quant dot product follows: the
+/// integer sums are the same in all, the float roundings differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KPath {
+    /// Single activation rows: `vec_dot`, or for Q4_K (repacked on AVX2) its
+    /// GEMV, which applies the scales once per 256-value block.
+    Single,
+    /// Q4_K activation rows in groups of four: the repacked GEMM, which
+    /// applies the scales once per 64 values.
+    Gemm4,
+    /// Q6_K with 8 or more activation rows: the tiled K-quant matmul, which
+    /// scales each block's integer sum by the weight scale, then by the
+    /// activation scale in an FMA.
+    Tiled,
+}
+
 trait TileKernels {
     /// `w[r]` is one weight row of `n` values of `ty`, `a[c]` one activation row
     /// of `ty.act_type()` (lengths already checked); returns `[r][c]` dot products.
@@ -328,6 +391,7 @@ trait TileKernels {
         n: usize,
         w: [&[u8]; R],
         a: [&[u8]; C],
+        kpath: KPath,
     ) -> [[f32; C]; R];
 
     /// Rows per matvec tile for `ty` (4 or 8): more rows share the per-block
@@ -352,6 +416,8 @@ struct MatmulShape {
     row_bytes: usize,
     act_bytes: usize,
     out_stride: usize,
+    /// Q4_K columns (from 0) computed as llama.cpp's GEMM computes them ([`KPath`]).
+    gemm_cols: usize,
 }
 
 impl MatmulShape {
@@ -401,6 +467,19 @@ impl MatmulShape {
             row_bytes,
             act_bytes,
             out_stride,
+            gemm_cols: if ncols > 3 { ncols - ncols % 4 } else { 0 },
+        }
+    }
+
+    /// The K-quant arithmetic of the tile of columns `c..c + width` (never
+    /// split by `gemm_cols`: tiles are at most 4 wide and start at multiples of
+    /// their width).
+    fn k_path(&self, c: usize, width: usize) -> KPath {
+        debug_assert!(c + width <= self.gemm_cols || c >= self.gemm_cols);
+        match self.ty {
+            GgmlType::Q4_K if c + width <= self.gemm_cols => KPath::Gemm4,
+            GgmlType::Q6_K if self.ncols >= 8 => KPath::Tiled,
+            _ => KPath::Single,
         }
     }
 
@@ -460,12 +539,13 @@ impl MatmulShape {
         let mut c = cols.start;
         while c + MC <= cols.end {
             let a: [&[u8]; MC] = core::array::from_fn(|j| self.act(acts, c + j));
-            self.store(K::tile::<R, MC>(self.ty, self.n, w, a), r0, c, out);
+            let kpath = self.k_path(c, MC);
+            self.store(K::tile::<R, MC>(self.ty, self.n, w, a, kpath), r0, c, out);
             c += MC;
         }
         for c in c..cols.end {
             self.store(
-                K::tile::<R, 1>(self.ty, self.n, w, [self.act(acts, c)]),
+                K::tile::<R, 1>(self.ty, self.n, w, [self.act(acts, c)], self.k_path(c, 1)),
                 r0,
                 c,
                 out,
@@ -493,7 +573,8 @@ impl MatmulShape {
         let a = [self.act(act, 0)];
         while r + R <= self.nrows {
             let w: [&[u8]; R] = core::array::from_fn(|i| self.row(rows, r + i));
-            self.store(K::tile::<R, 1>(self.ty, self.n, w, a), r, 0, out);
+            let tile = K::tile::<R, 1>(self.ty, self.n, w, a, KPath::Single);
+            self.store(tile, r, 0, out);
             r += R;
         }
         r

@@ -14,7 +14,7 @@
 //! - Q8_K (292 B): d: f32, qs: [i8; 256], bsums: [i16; 16] (sums of 16 qs each).
 
 use super::half::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
-use super::{GgmlType, TileKernels, QK_K};
+use super::{GgmlType, KPath, TileKernels, QK_K};
 
 pub(super) struct Tiles;
 
@@ -24,8 +24,9 @@ impl TileKernels for Tiles {
         n: usize,
         w: [&[u8]; R],
         a: [&[u8]; C],
+        kpath: KPath,
     ) -> [[f32; C]; R] {
-        core::array::from_fn(|r| core::array::from_fn(|c| dot(ty, n, w[r], a[c])))
+        core::array::from_fn(|r| core::array::from_fn(|c| dot(ty, n, w[r], a[c], kpath)))
     }
 }
 
@@ -96,7 +97,7 @@ fn q4_value(qs: &[u8], j: usize) -> i32 {
 }
 
 /// Dot product of one weight row of `ty` with one activation row of `ty.act_type()`.
-pub(super) fn dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
+pub(super) fn dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8], kpath: KPath) -> f32 {
     let blocks = w
         .chunks_exact(ty.block_bytes())
         .zip(a.chunks_exact(ty.act_type().block_bytes()));
@@ -146,41 +147,46 @@ pub(super) fn dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
                 sumi as f32 * (f16_at(x, 0) * f16_at(y, 0))
             })
             .sum(),
-        GgmlType::Q4_K | GgmlType::Q5_K => blocks
-            .map(|(x, y)| {
-                let mut sumi = 0;
-                let mut summ = 0;
-                for j in 0..8 {
-                    let (sc, m) = k4_scale_min(&x[4..16], j);
-                    let dot: i32 = (32 * j..32 * j + 32)
-                        .map(|v| {
-                            let q = if ty == GgmlType::Q4_K {
-                                k4_nibble(&x[16..], v)
-                            } else {
-                                q5_k_value(x, v)
-                            };
-                            q * q8(y, 4, v)
-                        })
-                        .sum();
-                    sumi += sc * dot;
-                    summ += m * (i16_at(y, 260 + 4 * j) + i16_at(y, 262 + 4 * j));
+        GgmlType::Q4_K => {
+            // As llama.cpp's repacked Q4_K kernels (used for every Q4_K matrix
+            // on AVX2 CPUs): exact integer sums per block, the scaled and the
+            // min parts accumulated separately with FMA, subtracted at the end.
+            let (mut scaled, mut mins) = (0.0f32, 0.0f32);
+            for (x, y) in blocks {
+                let d = f32_at(y, 0);
+                let (dw, dmin) = (f16_at(x, 0) * d, f16_at(x, 2) * d);
+                let sums = k4_sub_block_sums(ty, x, y);
+                match kpath {
+                    KPath::Single | KPath::Tiled => {
+                        let (sumi, summ) = sums.iter().fold((0, 0), |s, p| (s.0 + p.0, s.1 + p.1));
+                        scaled = libm::fmaf(sumi as f32, dw, scaled);
+                        mins = libm::fmaf(summ as f32, dmin, mins);
+                    }
+                    KPath::Gemm4 => {
+                        for pair in sums.chunks_exact(2) {
+                            let (sumi, summ) = (pair[0].0 + pair[1].0, pair[0].1 + pair[1].1);
+                            scaled = libm::fmaf(sumi as f32, dw, scaled);
+                            mins = libm::fmaf(summ as f32, dmin, mins);
+                        }
+                    }
                 }
+            }
+            scaled - mins
+        }
+        GgmlType::Q5_K => blocks
+            .map(|(x, y)| {
+                let sums = k4_sub_block_sums(ty, x, y);
+                let (sumi, summ) = sums.iter().fold((0, 0), |s, p| (s.0 + p.0, s.1 + p.1));
                 let d = f32_at(y, 0);
                 d * f16_at(x, 0) * sumi as f32 - d * f16_at(x, 2) * summ as f32
             })
             .sum(),
+        GgmlType::Q6_K if kpath == KPath::Tiled => blocks.fold(0.0, |out, (x, y)| {
+            let sumi = q6_k_block_sum(x, y);
+            libm::fmaf(f16_at(x, 208) * sumi as f32, f32_at(y, 0), out)
+        }),
         GgmlType::Q6_K => blocks
-            .map(|(x, y)| {
-                let sumi: i32 = (0..16)
-                    .map(|k| {
-                        let dot: i32 = (16 * k..16 * k + 16)
-                            .map(|v| q6_k_value(x, v) * q8(y, 4, v))
-                            .sum();
-                        i8_at(x, 192 + k) * dot
-                    })
-                    .sum();
-                f32_at(y, 0) * f16_at(x, 208) * sumi as f32
-            })
+            .map(|(x, y)| f32_at(y, 0) * f16_at(x, 208) * q6_k_block_sum(x, y) as f32)
             .sum(),
         GgmlType::Q8_K => blocks
             .map(|(x, y)| {
@@ -189,6 +195,42 @@ pub(super) fn dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
             })
             .sum(),
     }
+}
+
+/// For one Q6_K block x and Q8_K block y: the sum of scale_k * dot_k.
+fn q6_k_block_sum(x: &[u8], y: &[u8]) -> i32 {
+    (0..16)
+        .map(|k| {
+            let dot: i32 = (16 * k..16 * k + 16)
+                .map(|v| q6_k_value(x, v) * i8_at(y, 4 + v))
+                .sum();
+            i8_at(x, 192 + k) * dot
+        })
+        .sum()
+}
+
+/// For one Q4_K/Q5_K block x and Q8_K block y, per 32-value sub-block j:
+/// (scale_j * dot_j, min_j * (sum of y's sub-block j)).
+fn k4_sub_block_sums(ty: GgmlType, x: &[u8], y: &[u8]) -> [(i32, i32); 8] {
+    let mut sums = [(0, 0); 8];
+    for (j, s) in sums.iter_mut().enumerate() {
+        let (sc, m) = k4_scale_min(&x[4..16], j);
+        let dot: i32 = (32 * j..32 * j + 32)
+            .map(|v| {
+                let q = if ty == GgmlType::Q4_K {
+                    k4_nibble(&x[16..], v)
+                } else {
+                    q5_k_value(x, v)
+                };
+                q * i8_at(y, 4 + v)
+            })
+            .sum();
+        *s = (
+            sc * dot,
+            m * (i16_at(y, 260 + 4 * j) + i16_at(y, 262 + 4 * j)),
+        );
+    }
+    sums
 }
 
 fn bf16_at(b: &[u8]) -> f32 {

@@ -966,3 +966,39 @@ fn matches_ggml_reference() {
         }
     }
 }
+
+/// The f16 row operations of the attention give the same bits on every level.
+#[test]
+fn f16_row_ops_equal_scalar_bit_for_bit() {
+    let mut rng = Rng::new(16);
+    let scalar = scalar();
+    for n in [1, 7, 8, 31, 32, 33, 64, 256, 259] {
+        let x: Vec<f32> = rng.activations(n);
+        let y: Vec<f32> = rng.activations(n);
+        let mut xh = vec![0u16; n];
+        let mut yh = vec![0u16; n];
+        scalar.f32_to_f16_row(&mut xh, &x);
+        scalar.f32_to_f16_row(&mut yh, &y);
+        let v = rng.uniform(-2.0, 2.0);
+        for k in all_levels() {
+            let mut kx = vec![0u16; n];
+            k.f32_to_f16_row(&mut kx, &x);
+            assert_eq!(kx, xh, "{:?} f32_to_f16_row n={n}", k.level());
+            assert_eq!(
+                k.dot_f16(&xh, &yh).to_bits(),
+                scalar.dot_f16(&xh, &yh).to_bits(),
+                "{:?} dot_f16 n={n}",
+                k.level()
+            );
+            let (mut a, mut b) = (yh.clone(), yh.clone());
+            k.mad_f16(&mut a, &xh, v);
+            scalar.mad_f16(&mut b, &xh, v);
+            assert_eq!(a, b, "{:?} mad_f16 n={n}", k.level());
+            k.scale_f16(&mut a, v);
+            scalar.scale_f16(&mut b, v);
+            assert_eq!(a, b, "{:?} scale_f16 n={n}", k.level());
+            let (p, q, r) = (x[0], y[0], v);
+            assert_eq!(k.fmadd(p, q, r).to_bits(), scalar.fmadd(p, q, r).to_bits());
+        }
+    }
+}
