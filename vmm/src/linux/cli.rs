@@ -96,7 +96,7 @@ pub fn run(
     };
     let vm = LinuxVm::start(config)?;
     eprintln!(
-        "[linux guest: {vcpus} vCPU(s), {} MiB, {:?} entry at {:#x}, kernel {:#x}-{:#x}{} | set-up {:.1} ms]",
+        "[linux guest: {vcpus} vCPU(s), {} MiB, {:x?} entry at {:#x}, kernel {:#x}-{:#x}{} | set-up {:.1} ms]",
         memory_bytes >> 20,
         vm.layout.entry,
         vm.layout.entry.rip(),
@@ -140,5 +140,70 @@ pub fn print_summary(w: &mut dyn Write, outcome: &LinuxOutcome) {
                 .map(|s| format!(", RIP {:#x} CR0 {:#x} CR3 {:#x}", s.rip, s.cr0, s.cr3))
                 .unwrap_or_default()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::RunArgs;
+    use clap::Parser;
+
+    #[test]
+    fn kernel_options_parse_and_conflict_with_models() {
+        let args = RunArgs::try_parse_from([
+            "run",
+            "--kernel",
+            "vmlinux",
+            "--initrd",
+            "initrd.img",
+            "--cmdline",
+            "console=ttyS0",
+            "--console-log",
+            "boot.log",
+            "--boot-protocol",
+            "linux64",
+            "--vcpus",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.linux.kernel.as_deref(),
+            Some(std::path::Path::new("vmlinux"))
+        );
+        assert_eq!(args.linux.cmdline, "console=ttyS0");
+        assert!(matches!(args.linux.boot_protocol, ProtocolArg::Linux64));
+        let defaults = RunArgs::try_parse_from(["run", "--kernel", "vmlinux"]).unwrap();
+        assert_eq!(defaults.linux.cmdline, crate::linux::DEFAULT_CMDLINE);
+        assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--prompt", "hi"]).is_err());
+        assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--model", "m.gguf"]).is_err());
+        assert!(RunArgs::try_parse_from(["run", "--initrd", "initrd.img"]).is_err());
+        assert!(RunArgs::try_parse_from(["run", "--cmdline", "quiet"]).is_err());
+    }
+
+    #[test]
+    fn bad_kernels_fail_before_anything_runs() {
+        let args = LinuxArgs {
+            console_log: Some(
+                std::env::temp_dir().join(format!("aivmm-console-{}", std::process::id())),
+            ),
+            ..Default::default()
+        };
+        let text = std::env::temp_dir().join(format!("aivmm-not-a-kernel-{}", std::process::id()));
+        std::fs::write(&text, "#!/bin/sh\necho hello\n").unwrap();
+        let error = run(&args, text.clone(), 1, None, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("is not a Linux kernel image"), "{error}");
+        let error = run(&args, text.clone(), 1, None, 8 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("too small for a Linux guest"), "{error}");
+        let error = run(&args, text.clone(), 0, None, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("1 to 254 vCPUs"), "{error}");
+        std::fs::remove_file(&text).unwrap();
+        let _ = std::fs::remove_file(args.console_log.unwrap());
     }
 }
