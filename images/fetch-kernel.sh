@@ -50,9 +50,18 @@ command -v apt-get >/dev/null 2>&1 || die "apt-get is required (a Debian or Ubun
 command -v dpkg-deb >/dev/null 2>&1 || die "dpkg-deb is required"
 command -v python3 >/dev/null 2>&1 || die "python3 is required (it decompresses the payload)"
 
+metapackage_target() {
+  apt-cache depends linux-image-amd64 2>/dev/null |
+    awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-amd64$/ { print $2; exit }'
+}
 if [ -z "$package" ]; then
-  package="$(apt-cache depends linux-image-amd64 2>/dev/null |
-    awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-amd64$/ { print $2; exit }')"
+  package="$(metapackage_target)"
+  if [ -z "$package" ] && [ "$(id -u)" = 0 ]; then
+    # A fresh machine may have no package lists yet.
+    echo "fetch-kernel: apt does not know linux-image-amd64; running apt-get update" >&2
+    apt-get update -q >&2 || true
+    package="$(metapackage_target)"
+  fi
   if [ -z "$package" ]; then
     die "apt does not know linux-image-amd64 or what it depends on; run 'apt-get update' (as root) and retry, or name a package: images/fetch-kernel.sh linux-image-6.1.0-NN-amd64"
   fi

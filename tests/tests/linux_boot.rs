@@ -519,3 +519,42 @@ fn debian_bzimage_boots_under_kvm_into_its_decompressor() {
         timeout,
     );
 }
+
+/// Two vCPUs: the boot vCPU runs the kernel while the other waits in KVM's
+/// local APIC for the INIT/SIPI that smp_init would send (far beyond what
+/// the emulated speed reaches in a test); stopping the VM interrupts both.
+#[test]
+fn a_second_vcpu_waits_for_the_kernel_and_stops_with_the_vm() {
+    let test = "a_second_vcpu_waits_for_the_kernel_and_stops_with_the_vm";
+    if !common::kvm_available(test) {
+        return;
+    }
+    let Some(kernel) = kernel(test) else {
+        return;
+    };
+    let mut config = config(&kernel.vmlinux, 256 << 20);
+    config.vcpus = 2;
+    let vm = LinuxVm::start(config).unwrap_or_else(|error| panic!("{test}: {error}"));
+    let entry = vm.layout.entry.rip();
+    vm.wait_until(
+        Duration::from_secs(5),
+        Some(Duration::from_secs(1)),
+        &mut |_| false,
+    );
+    let outcome = vm.stop();
+    eprintln!(
+        "{test}: {}; exits {:?}; states {:x?}",
+        outcome.end, outcome.exits, outcome.states
+    );
+    assert_eq!(outcome.end, LinuxEnd::Stopped);
+    assert_eq!(outcome.states.len(), 2);
+    let bsp = outcome.states[0].expect("vCPU 0's registers");
+    assert_ne!(bsp.rip, entry, "the boot vCPU runs the kernel");
+    let ap = outcome.states[1].expect("vCPU 1's registers");
+    assert_eq!(
+        ap.cr0 & 1,
+        0,
+        "vCPU 1 is still in its reset state (real mode)"
+    );
+    assert_eq!(outcome.exits[1].io_in + outcome.exits[1].io_out, 0);
+}

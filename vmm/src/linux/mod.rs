@@ -99,12 +99,6 @@ pub enum LinuxError {
     Signal(#[source] vmm_sys_util::errno::Error),
     #[error("cannot start the thread of vCPU {index}: {source}")]
     Thread { index: u32, source: std::io::Error },
-    #[error("cannot pin vCPU {index} to host CPU {cpu}: {source}")]
-    Pin {
-        index: u32,
-        cpu: usize,
-        source: std::io::Error,
-    },
 }
 
 /// One Linux guest to boot.
@@ -279,9 +273,10 @@ impl LinuxVm {
                 .spawn(move || {
                     if let Some(cpu) = host_cpu {
                         if let Err(source) = crate::partition::pin_current_thread(cpu) {
-                            shared_for_thread.finish(LinuxEnd::KvmRun {
+                            shared_for_thread.finish(LinuxEnd::Pin {
                                 vcpu: index,
-                                error: LinuxError::Pin { index, cpu, source }.to_string(),
+                                cpu,
+                                error: source.to_string(),
                             });
                             return None;
                         }

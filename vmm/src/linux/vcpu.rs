@@ -72,6 +72,12 @@ pub enum LinuxEnd {
         vcpu: u32,
         error: String,
     },
+    /// The vCPU thread could not be pinned to its host CPU.
+    Pin {
+        vcpu: u32,
+        cpu: usize,
+        error: String,
+    },
 }
 
 impl std::fmt::Display for LinuxEnd {
@@ -92,6 +98,9 @@ impl std::fmt::Display for LinuxEnd {
             LinuxEnd::UnexpectedExit { vcpu, exit } => write!(f, "vCPU {vcpu}: unexpected exit {exit}"),
             LinuxEnd::KvmRun { vcpu, error } => write!(f, "vCPU {vcpu}: KVM_RUN failed: {error}"),
             LinuxEnd::Serial { vcpu, error } => write!(f, "vCPU {vcpu}: serial console: {error}"),
+            LinuxEnd::Pin { vcpu, cpu, error } => {
+                write!(f, "vCPU {vcpu}: cannot pin its thread to host CPU {cpu}: {error}")
+            }
         }
     }
 }
