@@ -90,12 +90,35 @@ fn segment(selector: u16, code: bool, long: bool) -> kvm_segment {
     }
 }
 
+/// CPUID.1:ECX bit 13: CMPXCHG16B.
+pub const CPUID_1_ECX_CX16: u32 = 1 << 13;
+/// Present when the host's KVM is PVM (the kvm_pvm module).
+const PVM_MODULE: &str = "/sys/module/kvm_pvm";
+
+/// Whether this host's KVM runs guest CPL0 code through its instruction
+/// emulator (PVM; see shared/design/kvm-on-these-machines.md).
+pub fn host_emulates_cpl0() -> bool {
+    std::path::Path::new(PVM_MODULE).exists()
+}
+
 /// The CPUID a Linux guest's vCPU `index` sees: what KVM supports, with its
-/// APIC ID. (Unlike the inference partitions, no host ISA is added: a CPL0
-/// guest's instructions may go through KVM's emulator.)
-pub fn guest_cpuid(supported: &CpuId, index: u32, vcpus: u32) -> CpuId {
+/// APIC ID. Unlike the inference partitions, no host ISA is added: a CPL0
+/// guest's instructions may go through KVM's emulator. Where they do
+/// (`emulated_cpl0`), CMPXCHG16B is hidden too: PVM's KVM_GET_SUPPORTED_CPUID
+/// offers it, but the emulator cannot execute it (measured: Debian's 6.1
+/// kernel stopped with an emulation failure on `lock cmpxchg16b` in SLUB's
+/// get_partial_node, ~180 s into the boot); without CX16 the kernel takes its
+/// fallbacks.
+pub fn guest_cpuid(supported: &CpuId, index: u32, vcpus: u32, emulated_cpl0: bool) -> CpuId {
     let mut cpuid = supported.clone();
     set_vcpu_identity(&mut cpuid, index, vcpus);
+    if emulated_cpl0 {
+        for entry in cpuid.as_mut_slice() {
+            if entry.function == 1 {
+                entry.ecx &= !CPUID_1_ECX_CX16;
+            }
+        }
+    }
     cpuid
 }
 
@@ -168,6 +191,24 @@ pub fn configure(
 mod tests {
     use super::*;
     use crate::linux::e820::create_guest_ram;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn cx16_is_hidden_only_where_cpl0_is_emulated() {
+        let supported = CpuId::from_entries(&[kvm_cpuid_entry2 {
+            function: 1,
+            ecx: CPUID_1_ECX_CX16 | 1,
+            ..Default::default()
+        }])
+        .unwrap();
+        let leaf1 = |cpuid: &CpuId| cpuid.as_slice()[0];
+        let native = guest_cpuid(&supported, 3, 4, false);
+        assert_eq!(leaf1(&native).ecx & CPUID_1_ECX_CX16, CPUID_1_ECX_CX16);
+        assert_eq!(leaf1(&native).ebx >> 24, 3, "APIC ID");
+        let emulated = guest_cpuid(&supported, 3, 4, true);
+        assert_eq!(leaf1(&emulated).ecx & CPUID_1_ECX_CX16, 0);
+        assert_eq!(leaf1(&emulated).ecx & 1, 1, "other features stay");
+    }
 
     #[test]
     fn identity_map_covers_4_gib_with_2_mib_pages() {

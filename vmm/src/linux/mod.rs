@@ -246,13 +246,14 @@ impl LinuxVm {
         let shared = Arc::new(Shared::new(PortBus::new(serial), capture, config.vcpus));
 
         let supported = vm.supported_cpuid()?;
+        let emulated_cpl0 = boot_cpu::host_emulates_cpl0();
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
             let vcpu = vm
                 .fd()
                 .create_vcpu(index as u64)
                 .map_err(|source| LinuxError::CreateVcpu { index, source })?;
-            let cpuid = boot_cpu::guest_cpuid(&supported, index, config.vcpus);
+            let cpuid = boot_cpu::guest_cpuid(&supported, index, config.vcpus, emulated_cpl0);
             let entry = (index == 0).then_some(layout.entry);
             boot_cpu::configure(&vcpu, index, &cpuid, entry)?;
             vcpus.push(vcpu);
