@@ -86,23 +86,60 @@ impl std::fmt::Display for LinuxEnd {
             LinuxEnd::Stopped => write!(f, "stopped by the VMM while running"),
             LinuxEnd::Reset => write!(f, "the guest reset itself (reboot)"),
             LinuxEnd::PowerOff => write!(f, "the guest powered off"),
-            LinuxEnd::TripleFault { vcpu } => write!(f, "vCPU {vcpu}: triple fault (KVM_EXIT_SHUTDOWN)"),
-            LinuxEnd::Halted { vcpu } => write!(f, "vCPU {vcpu}: halted"),
-            LinuxEnd::InternalError { vcpu, suberror, data } => write!(
-                f,
-                "vCPU {vcpu}: KVM internal error, suberror {suberror} (1 = instruction emulation failed), data {data:x?}"
-            ),
-            LinuxEnd::FailEntry { vcpu, reason } => {
-                write!(f, "vCPU {vcpu}: KVM could not enter the guest (hardware reason {reason:#x})")
+            LinuxEnd::TripleFault { vcpu } => {
+                write!(f, "vCPU {vcpu}: triple fault (KVM_EXIT_SHUTDOWN)")
             }
-            LinuxEnd::UnexpectedExit { vcpu, exit } => write!(f, "vCPU {vcpu}: unexpected exit {exit}"),
+            LinuxEnd::Halted { vcpu } => write!(f, "vCPU {vcpu}: halted"),
+            LinuxEnd::InternalError {
+                vcpu,
+                suberror,
+                data,
+            } => {
+                write!(
+                    f,
+                    "vCPU {vcpu}: KVM internal error, suberror {suberror} (1 = instruction emulation failed), data {data:x?}"
+                )?;
+                if let Some(bytes) = emulation_failure_bytes(*suberror, data) {
+                    write!(f, "; the instruction's bytes: {bytes:02x?}")?;
+                }
+                Ok(())
+            }
+            LinuxEnd::FailEntry { vcpu, reason } => {
+                write!(
+                    f,
+                    "vCPU {vcpu}: KVM could not enter the guest (hardware reason {reason:#x})"
+                )
+            }
+            LinuxEnd::UnexpectedExit { vcpu, exit } => {
+                write!(f, "vCPU {vcpu}: unexpected exit {exit}")
+            }
             LinuxEnd::KvmRun { vcpu, error } => write!(f, "vCPU {vcpu}: KVM_RUN failed: {error}"),
             LinuxEnd::Serial { vcpu, error } => write!(f, "vCPU {vcpu}: serial console: {error}"),
             LinuxEnd::Pin { vcpu, cpu, error } => {
-                write!(f, "vCPU {vcpu}: cannot pin its thread to host CPU {cpu}: {error}")
+                write!(
+                    f,
+                    "vCPU {vcpu}: cannot pin its thread to host CPU {cpu}: {error}"
+                )
             }
         }
     }
+}
+
+/// The bytes of the instruction KVM failed to emulate, when it says them:
+/// suberror KVM_INTERNAL_ERROR_EMULATION with flag
+/// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES in data[0], then the
+/// length byte and up to 15 bytes packed little-endian in data[1..3].
+pub fn emulation_failure_bytes(suberror: u32, data: &[u64]) -> Option<Vec<u8>> {
+    if suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION || data.first()? & 1 == 0 {
+        return None;
+    }
+    let packed: Vec<u8> = data
+        .get(1..3)?
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let len = (packed[0] as usize).min(15);
+    Some(packed[1..1 + len].to_vec())
 }
 
 /// Exits of one vCPU, by kind.
@@ -400,5 +437,34 @@ fn interrupted(vcpu: &mut VcpuFd, shared: &Shared, me: &VcpuShared) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulation_failures_name_the_instruction() {
+        // What PVM reported for Debian 6.1's `lock cmpxchg16b 0x20(%rbp)`.
+        let data = [1, 0x7420_4dc7_0f48_f00f, 0x894d_0824_448b_4c66, 0x1000];
+        let bytes = emulation_failure_bytes(1, &data).unwrap();
+        assert_eq!(&bytes[..6], &[0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20]);
+        assert_eq!(bytes.len(), 15);
+        let end = LinuxEnd::InternalError {
+            vcpu: 0,
+            suberror: 1,
+            data: data.to_vec(),
+        };
+        assert!(
+            end.to_string().contains("[f0, 48, 0f, c7, 4d, 20,"),
+            "{end}"
+        );
+        assert_eq!(
+            emulation_failure_bytes(1, &[0, 1, 2]),
+            None,
+            "no bytes flag"
+        );
+        assert_eq!(emulation_failure_bytes(3, &data), None);
     }
 }
