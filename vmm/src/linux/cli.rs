@@ -95,6 +95,12 @@ pub fn run(
         console_capture_limit: 0,
     };
     let vm = LinuxVm::start(config)?;
+    if vm.cmdline != args.cmdline {
+        eprintln!(
+            "[this host's KVM emulates guest kernel code (PVM): the command line is {:?}]",
+            vm.cmdline
+        );
+    }
     eprintln!(
         "[linux guest: {vcpus} vCPU(s), {} MiB, {:x?} entry at {:#x}, kernel {:#x}-{:#x}{} | set-up {:.1} ms]",
         memory_bytes >> 20,

@@ -44,6 +44,22 @@ pub use vcpu::{ExitCounts, LinuxEnd, Sample, VcpuState};
 /// line on, reboot (ending the VM) on panic, no PCI to probe.
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 pci=off";
+/// Appended to the command line where KVM emulates CPL0 code (PVM hosts):
+/// PVM adds the host's user-mode ISA to the guest's CPUID whatever the VMM
+/// sets (XSAVE, AVX, POPCNT, RDRAND, FSGSBASE, SMAP, ...), and KVM's
+/// instruction emulator cannot execute those instructions, so the kernel is
+/// told not to use them (measured: without `noxsave`, Debian's 6.1 kernel
+/// stops with an emulation failure on `xrstor` in fpu__init_system_xstate).
+pub const EMULATED_CPL0_CMDLINE: &str = "noxsave nofsgsbase clearcpuid=popcnt,smap,rdrand,rdseed";
+
+/// `cmdline` with [`EMULATED_CPL0_CMDLINE`] appended (once).
+pub fn with_emulation_workarounds(cmdline: &str) -> String {
+    if cmdline.contains(EMULATED_CPL0_CMDLINE) {
+        return cmdline.to_string();
+    }
+    format!("{} {EMULATED_CPL0_CMDLINE}", cmdline.trim_end())
+}
+
 /// Where the KVM TSS for real-mode emulation goes on VMX (above RAM, in the hole).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
@@ -180,6 +196,8 @@ pub struct LinuxVm {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<Option<VcpuState>>>,
     pub layout: BootLayout,
+    /// The command line the kernel got.
+    pub cmdline: String,
     /// Set-up time before the first KVM_RUN.
     pub setup: Duration,
     // Kept alive while the vCPUs run: the VM (memslots) and guest RAM.
@@ -207,8 +225,12 @@ pub struct LinuxOutcome {
 
 impl LinuxVm {
     /// Builds the VM and starts its vCPUs.
-    pub fn start(config: LinuxConfig) -> Result<Self, LinuxError> {
+    pub fn start(mut config: LinuxConfig) -> Result<Self, LinuxError> {
         let started = Instant::now();
+        let emulated_cpl0 = boot_cpu::host_emulates_cpl0();
+        if emulated_cpl0 {
+            config.cmdline = with_emulation_workarounds(&config.cmdline);
+        }
         if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS {
             return Err(LinuxError::VcpuCount {
                 vcpus: config.vcpus,
@@ -246,7 +268,6 @@ impl LinuxVm {
         let shared = Arc::new(Shared::new(PortBus::new(serial), capture, config.vcpus));
 
         let supported = vm.supported_cpuid()?;
-        let emulated_cpl0 = boot_cpu::host_emulates_cpl0();
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
             let vcpu = vm
@@ -299,6 +320,7 @@ impl LinuxVm {
             shared,
             threads,
             layout,
+            cmdline: config.cmdline,
             setup,
             _vm: vm,
             _memory: memory,
@@ -413,5 +435,17 @@ impl LinuxVm {
     pub fn run(self, timeout: Duration) -> LinuxOutcome {
         self.shared.wait_end(timeout);
         self.stop()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulation_workarounds_are_appended_once() {
+        let line = with_emulation_workarounds("console=ttyS0 ");
+        assert_eq!(line, format!("console=ttyS0 {EMULATED_CPL0_CMDLINE}"));
+        assert_eq!(with_emulation_workarounds(&line), line);
     }
 }
