@@ -44,13 +44,14 @@ pub use vcpu::{ExitCounts, LinuxEnd, Sample, VcpuState};
 /// line on, reboot (ending the VM) on panic, no PCI to probe.
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 pci=off";
-/// Appended to the command line where KVM emulates CPL0 code (PVM hosts):
+/// Appended to the command line where KVM emulates CPL0 code (PVM hosts).
 /// PVM adds the host's user-mode ISA to the guest's CPUID whatever the VMM
-/// sets (XSAVE, AVX, POPCNT, RDRAND, FSGSBASE, SMAP, ...), and KVM's
-/// instruction emulator cannot execute those instructions, so the kernel is
-/// told not to use them (measured: without `noxsave`, Debian's 6.1 kernel
-/// stops with an emulation failure on `xrstor` in fpu__init_system_xstate).
-pub const EMULATED_CPL0_CMDLINE: &str = "noxsave nofsgsbase clearcpuid=popcnt,smap,rdrand,rdseed";
+/// sets (XSAVE, AVX, POPCNT, RDRAND, FSGSBASE, SMAP, ... were there after
+/// KVM_SET_CPUID2 without them), and KVM's instruction emulator cannot run
+/// XSAVE/XRSTOR: without `noxsave`, Debian's 6.1 kernel stopped with an
+/// emulation failure on `xrstor` in fpu__init_system_xstate. Only what was
+/// seen to fail is here.
+pub const EMULATED_CPL0_CMDLINE: &str = "noxsave";
 
 /// `cmdline` with [`EMULATED_CPL0_CMDLINE`] appended (once).
 pub fn with_emulation_workarounds(cmdline: &str) -> String {
