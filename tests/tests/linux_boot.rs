@@ -364,8 +364,11 @@ fn symbolize(symbols: &[(u64, String)], rip: u64) -> String {
         .partition_point(|(addr, _)| *addr <= virt)
         .checked_sub(1)
     {
-        Some(i) => format!("{}+{:#x}", symbols[i].1, virt - symbols[i].0),
-        None => "?".into(),
+        // Far past the last symbol below it: not kernel text (the decompressor, say).
+        Some(i) if virt - symbols[i].0 < 0x1_0000 => {
+            format!("{}+{:#x}", symbols[i].1, virt - symbols[i].0)
+        }
+        _ => "?".into(),
     }
 }
 
