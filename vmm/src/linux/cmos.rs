@@ -62,7 +62,7 @@ impl DateTime {
 }
 
 fn bcd(value: u32) -> u8 {
-    (((value / 10) % 10) << 4 | value % 10) as u8
+    ((((value / 10) % 10) << 4) | (value % 10)) as u8
 }
 
 #[derive(Default)]
