@@ -5,6 +5,7 @@ pub mod guest_image;
 pub mod host;
 pub mod host_engine;
 pub mod inference;
+pub mod linux;
 pub mod model_store;
 pub mod partition;
 pub mod run;

@@ -94,6 +94,8 @@ pub struct RunArgs {
     /// Copy the inference kernel's log to stderr.
     #[arg(long)]
     pub guest_log: bool,
+    #[command(flatten)]
+    pub linux: crate::linux::cli::LinuxArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +122,8 @@ pub enum RunError {
     Exit(String),
     #[error("--json needs --prompt (interactive chat prints text)")]
     JsonNeedsPrompt,
+    #[error(transparent)]
+    Linux(#[from] crate::linux::cli::LinuxCliError),
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
     #[error("cannot write the JSON report: {0}")]
@@ -451,6 +455,9 @@ pub fn cmd_run(args: RunArgs) -> Result<(), RunError> {
     if !Path::new("/dev/kvm").exists() {
         return Err(RunError::NoKvm);
     }
+    if let Some(kernel) = args.linux.kernel.clone() {
+        return run_linux(&args, kernel);
+    }
     if args.prompt.is_none() && args.json {
         return Err(RunError::JsonNeedsPrompt);
     }
@@ -533,6 +540,19 @@ pub fn cmd_run(args: RunArgs) -> Result<(), RunError> {
         Ok(status) => Err(RunError::Exit(format!("guest exit status {status}"))),
         Err(error) => Err(RunError::Exit(error.to_string())),
     }
+}
+
+/// `aivmm run --kernel`: a Linux guest, one vCPU unless told otherwise.
+fn run_linux(args: &RunArgs, kernel: PathBuf) -> Result<(), RunError> {
+    let vcpus = args.vcpus.or(args.cpus.is_none().then_some(1));
+    let (vcpus, host_cpus) = resolve_cpus(vcpus, args.cpus.as_deref())?;
+    let memory = args
+        .memory
+        .as_deref()
+        .unwrap_or(crate::linux::cli::DEFAULT_MEMORY);
+    let memory_bytes = parse_memory_size(memory)?;
+    crate::linux::cli::run(&args.linux, kernel, vcpus, host_cpus, memory_bytes)?;
+    Ok(())
 }
 
 fn render(template: ChatTemplate, history: &[(Role, String)]) -> String {

@@ -6,6 +6,7 @@
 
 mod inference;
 mod vcpu_thread;
+pub(crate) use vcpu_thread::pin_current_thread;
 
 pub use inference::{InferenceLink, InferenceLinkError, InferenceSetup};
 

@@ -213,7 +213,7 @@ fn mmio_read(bus: &MmioBus, vcpu: u32, addr: u64, data: &mut [u8]) -> Step {
     }
 }
 
-fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+pub(crate) fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,

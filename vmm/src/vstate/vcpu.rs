@@ -32,7 +32,7 @@ pub enum VcpuError {
     MissingFeature { feature: &'static str },
 }
 
-mod cr0 {
+pub(crate) mod cr0 {
     pub const PE: u64 = 1 << 0;
     pub const MP: u64 = 1 << 1;
     pub const ET: u64 = 1 << 4;
@@ -41,14 +41,14 @@ mod cr0 {
     pub const PG: u64 = 1 << 31;
 }
 
-mod cr4 {
+pub(crate) mod cr4 {
     pub const PAE: u64 = 1 << 5;
     pub const OSFXSR: u64 = 1 << 9;
     pub const OSXMMEXCPT: u64 = 1 << 10;
     pub const OSXSAVE: u64 = 1 << 18;
 }
 
-mod efer {
+pub(crate) mod efer {
     pub const LME: u64 = 1 << 8;
     pub const LMA: u64 = 1 << 10;
 }
@@ -230,18 +230,23 @@ impl CpuTemplate {
     /// The CPUID of vCPU `index`: the template with its APIC ID filled in.
     fn cpuid_for(&self, index: u32, vcpus: u32) -> CpuId {
         let mut cpuid = self.cpuid.clone();
-        for entry in cpuid.as_mut_slice() {
-            match entry.function {
-                1 => {
-                    entry.ebx = (entry.ebx & 0x0000_ffff) | (index << 24) | (vcpus.min(255) << 16);
-                    entry.ecx |= 1 << 31; // running under a hypervisor
-                }
-                0xb | 0x1f => entry.edx = index,
-                0x8000_001e => entry.eax = index,
-                _ => {}
-            }
-        }
+        set_vcpu_identity(&mut cpuid, index, vcpus);
         cpuid
+    }
+}
+
+/// Fills in vCPU `index`'s APIC ID (of `vcpus`) and the hypervisor bit.
+pub fn set_vcpu_identity(cpuid: &mut CpuId, index: u32, vcpus: u32) {
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (index << 24) | (vcpus.min(255) << 16);
+                entry.ecx |= 1 << 31; // running under a hypervisor
+            }
+            0xb | 0x1f => entry.edx = index,
+            0x8000_001e => entry.eax = index,
+            _ => {}
+        }
     }
 }
 

@@ -1,0 +1,215 @@
+//! `aivmm run --kernel`: boot a Linux guest and stream its serial console.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use super::{BootProtocol, LinuxConfig, LinuxEnd, LinuxError, LinuxOutcome, LinuxVm};
+
+/// The guest memory of a Linux guest when --memory is not given.
+pub const DEFAULT_MEMORY: &str = "512M";
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum ProtocolArg {
+    /// PVH if the kernel has the note, else the 64-bit boot protocol.
+    #[default]
+    Auto,
+    /// The 64-bit boot protocol (zero page).
+    Linux64,
+    /// PVH (vmlinux with the Xen PVH note only).
+    Pvh,
+}
+
+/// The `aivmm run` options for a Linux guest (with --vcpus, --cpus and
+/// --memory shared with inference partitions).
+#[derive(Args, Debug, Clone, Default)]
+pub struct LinuxArgs {
+    /// Boot this Linux kernel (a vmlinux ELF or a bzImage) instead of a
+    /// model; its serial console streams to stdout.
+    #[arg(long, conflicts_with_all = ["model", "prompt", "chat", "json"])]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, requires = "kernel", default_value = super::DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Write the guest's serial console to this file instead of stdout.
+    #[arg(long, requires = "kernel")]
+    pub console_log: Option<PathBuf>,
+    /// Entry point of --kernel.
+    #[arg(long, value_enum, requires = "kernel", default_value = "auto")]
+    pub boot_protocol: ProtocolArg,
+    /// Stop the Linux guest after this many seconds (default: run until it
+    /// powers off or reboots).
+    #[arg(long, requires = "kernel")]
+    pub timeout: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxCliError {
+    #[error("cannot create the console log {path}: {source}")]
+    ConsoleLog {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Linux(#[from] LinuxError),
+    #[error("the Linux guest failed: {0}")]
+    Guest(LinuxEnd),
+}
+
+/// Boots `kernel` with the sizes already resolved by `aivmm run`.
+pub fn run(
+    args: &LinuxArgs,
+    kernel: PathBuf,
+    vcpus: u32,
+    host_cpus: Option<Vec<usize>>,
+    memory_bytes: u64,
+) -> Result<LinuxOutcome, LinuxCliError> {
+    let console: Box<dyn Write + Send> =
+        match &args.console_log {
+            Some(path) => Box::new(std::fs::File::create(path).map_err(|source| {
+                LinuxCliError::ConsoleLog {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
+            None => Box::new(std::io::stdout()),
+        };
+    let config = LinuxConfig {
+        kernel,
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        vcpus,
+        memory_bytes,
+        host_cpus,
+        protocol: match args.boot_protocol {
+            ProtocolArg::Auto => BootProtocol::Auto,
+            ProtocolArg::Linux64 => BootProtocol::Linux64,
+            ProtocolArg::Pvh => BootProtocol::Pvh,
+        },
+        console: Some(console),
+        console_capture_limit: 0,
+    };
+    let vm = LinuxVm::start(config)?;
+    if vm.cmdline != args.cmdline {
+        eprintln!(
+            "[this host's KVM emulates guest kernel code (PVM): the command line is {:?}]",
+            vm.cmdline
+        );
+    }
+    eprintln!(
+        "[linux guest: {vcpus} vCPU(s), {} MiB, {:x?} entry at {:#x}, kernel {:#x}-{:#x}{} | set-up {:.1} ms]",
+        memory_bytes >> 20,
+        vm.layout.entry,
+        vm.layout.entry.rip(),
+        vm.layout.kernel.load_start,
+        vm.layout.kernel.load_end,
+        vm.layout
+            .initrd
+            .map(|(addr, size)| format!(", initrd {size} bytes at {addr:#x}"))
+            .unwrap_or_default(),
+        vm.setup.as_secs_f64() * 1e3,
+    );
+    // Without --timeout: until the guest ends (136 years is as good as never).
+    let timeout = Duration::from_secs(args.timeout.unwrap_or(u64::from(u32::MAX)));
+    let outcome = vm.run(timeout);
+    print_summary(&mut std::io::stderr(), &outcome);
+    match outcome.end {
+        LinuxEnd::Stopped | LinuxEnd::Reset | LinuxEnd::PowerOff => Ok(outcome),
+        ref end => Err(LinuxCliError::Guest(end.clone())),
+    }
+}
+
+/// One line per vCPU: exits and where it was.
+pub fn print_summary(w: &mut dyn Write, outcome: &LinuxOutcome) {
+    let _ = writeln!(
+        w,
+        "\n[linux guest ended after {:.1} s: {} | {} console bytes | {} unanswered port accesses]",
+        outcome.elapsed.as_secs_f64(),
+        outcome.end,
+        outcome.console_total,
+        outcome.unhandled_ports
+    );
+    for (index, exits) in outcome.exits.iter().enumerate() {
+        let state = outcome.states.get(index).copied().flatten();
+        let _ = writeln!(
+            w,
+            "[vCPU {index}: {} port reads, {} port writes, {} MMIO exits{}]",
+            exits.io_in,
+            exits.io_out,
+            exits.mmio,
+            state
+                .map(|s| format!(", RIP {:#x} CR0 {:#x} CR3 {:#x}", s.rip, s.cr0, s.cr3))
+                .unwrap_or_default()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::RunArgs;
+    use clap::Parser;
+
+    #[test]
+    fn kernel_options_parse_and_conflict_with_models() {
+        let args = RunArgs::try_parse_from([
+            "run",
+            "--kernel",
+            "vmlinux",
+            "--initrd",
+            "initrd.img",
+            "--cmdline",
+            "console=ttyS0",
+            "--console-log",
+            "boot.log",
+            "--boot-protocol",
+            "linux64",
+            "--vcpus",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.linux.kernel.as_deref(),
+            Some(std::path::Path::new("vmlinux"))
+        );
+        assert_eq!(args.linux.cmdline, "console=ttyS0");
+        assert!(matches!(args.linux.boot_protocol, ProtocolArg::Linux64));
+        let defaults = RunArgs::try_parse_from(["run", "--kernel", "vmlinux"]).unwrap();
+        assert_eq!(defaults.linux.cmdline, crate::linux::DEFAULT_CMDLINE);
+        assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--prompt", "hi"]).is_err());
+        assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--model", "m.gguf"]).is_err());
+        assert!(RunArgs::try_parse_from(["run", "--initrd", "initrd.img"]).is_err());
+        assert!(RunArgs::try_parse_from(["run", "--cmdline", "quiet"]).is_err());
+    }
+
+    #[test]
+    fn bad_kernels_fail_before_anything_runs() {
+        let args = LinuxArgs {
+            console_log: Some(
+                std::env::temp_dir().join(format!("aivmm-console-{}", std::process::id())),
+            ),
+            ..Default::default()
+        };
+        let text = std::env::temp_dir().join(format!("aivmm-not-a-kernel-{}", std::process::id()));
+        std::fs::write(&text, "#!/bin/sh\necho hello\n").unwrap();
+        let error = run(&args, text.clone(), 1, None, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("is not a Linux kernel image"), "{error}");
+        let error = run(&args, text.clone(), 1, None, 8 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("too small for a Linux guest"), "{error}");
+        let error = run(&args, text.clone(), 0, None, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("1 to 254 vCPUs"), "{error}");
+        std::fs::remove_file(&text).unwrap();
+        let _ = std::fs::remove_file(args.console_log.unwrap());
+    }
+}
