@@ -531,4 +531,61 @@ mod tests {
         assert!(!dir.exists());
         std::fs::remove_dir_all(&root).unwrap();
     }
+
+    /// Process scope on v1, in a fake tree: cpuset and memory groups, the
+    /// limit written, the process moved in, and moved back out on drop.
+    #[test]
+    fn v1_process_scope_with_a_memory_limit_in_a_fake_tree() {
+        let root = std::env::temp_dir().join(format!("aivmm-cgroup-proc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mounts = [root.join("cpuset"), root.join("memory")];
+        let own = [
+            mounts[0].join(current_path(Some("cpuset")).unwrap()),
+            mounts[1].join(current_path(Some("memory")).unwrap()),
+        ];
+        for dir in &own {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(own[0].join("cpuset.cpus"), "0-1").unwrap();
+        std::fs::write(own[0].join("cpuset.mems"), "0").unwrap();
+        let hierarchy = Hierarchy::V1 {
+            cpuset: Some(mounts[0].clone()),
+            memory: Some(mounts[1].clone()),
+        };
+        let cgroup = PartitionCgroup::create_in(
+            &hierarchy,
+            &CgroupSpec {
+                name: "run-1".into(),
+                scope: CgroupScope::Process,
+                cpus: vec![1],
+                mems: vec![0],
+                memory_limit: Some(300 << 20),
+            },
+        )
+        .unwrap();
+        let pid = std::process::id().to_string();
+        let dirs = [own[0].join("aivmm/run-1"), own[1].join("aivmm/run-1")];
+        assert_eq!(read(&dirs[0].join("cpuset.cpus")).unwrap(), "1");
+        assert_eq!(
+            read(&dirs[1].join("memory.limit_in_bytes")).unwrap(),
+            (300u64 << 20).to_string()
+        );
+        for dir in &dirs {
+            assert_eq!(read(&dir.join("cgroup.procs")).unwrap(), pid);
+        }
+        // Threads are already in: joining is a no-op.
+        cgroup.join_current_thread().unwrap();
+        assert!(!dirs[0].join("tasks").exists());
+        for dir in &dirs {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                std::fs::remove_file(entry.unwrap().path()).unwrap();
+            }
+        }
+        drop(cgroup);
+        for (dir, own) in dirs.iter().zip(&own) {
+            assert!(!dir.exists());
+            assert_eq!(read(&own.join("cgroup.procs")).unwrap(), pid, "moved back");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -182,16 +182,13 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
             rules.insert(libc::SYS_ioctl, ioctl);
         }
         ThreadKind::Api => {
-            // Naming a new blocking thread.
-            rules.insert(
-                libc::SYS_prctl,
-                vec![rule(vec![condition(
-                    kind,
-                    0,
-                    SeccompCmpOp::Eq,
-                    libc::PR_SET_NAME as u64,
-                )?])?],
-            );
+            // Naming a new blocking thread, and [`apply`]'s check whether
+            // the thread inherited its filter.
+            let prctl = [libc::PR_SET_NAME, libc::PR_GET_SECCOMP]
+                .into_iter()
+                .map(|option| rule(vec![condition(kind, 0, SeccompCmpOp::Eq, option as u64)?]))
+                .collect::<Result<Vec<_>, _>>()?;
+            rules.insert(libc::SYS_prctl, prctl);
         }
         ThreadKind::Events => {}
     }
@@ -241,13 +238,27 @@ thread_local! {
     static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
 }
 
-static REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Refusals per thread kind (vCPU, events, API, a thread of unknown kind).
+static REFUSED: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 static LAST_REFUSED: AtomicI64 = AtomicI64::new(-1);
 
-/// System calls refused so far in this process, and the number of the last one.
-pub fn refused() -> (u64, Option<i64>) {
+fn kind_index(kind: Option<ThreadKind>) -> usize {
+    match kind {
+        Some(ThreadKind::Vcpu) => 0,
+        Some(ThreadKind::Events) => 1,
+        Some(ThreadKind::Api) => 2,
+        None => 3,
+    }
+}
+
+/// System calls refused so far in `kind`'s threads, and the number of the
+/// last call refused in any thread.
+pub fn refused(kind: ThreadKind) -> (u64, Option<i64>) {
     let last = LAST_REFUSED.load(Ordering::Relaxed);
-    (REFUSED.load(Ordering::Relaxed), (last >= 0).then_some(last))
+    (
+        REFUSED[kind_index(Some(kind))].load(Ordering::Relaxed),
+        (last >= 0).then_some(last),
+    )
 }
 
 /// Appends `value` in decimal to `buf` at `len` (no allocation: signal handler).
@@ -293,7 +304,8 @@ extern "C" fn handle_sigsys(
     // SIGSYS the union holds {void *call_addr; int syscall; unsigned arch}
     // after the three ints and their padding, so the number is at byte 24.
     let call = unsafe { info.cast::<u8>().add(24).cast::<libc::c_int>().read() } as i64;
-    REFUSED.fetch_add(1, Ordering::Relaxed);
+    let kind = KIND.with(Cell::get);
+    REFUSED[kind_index(kind)].fetch_add(1, Ordering::Relaxed);
     LAST_REFUSED.store(call, Ordering::Relaxed);
     // SAFETY: `context` is the ucontext of the interrupted thread; setting
     // RAX makes the trapped system call return -EPERM when the handler returns.
@@ -303,11 +315,11 @@ extern "C" fn handle_sigsys(
     }
     let mut buf = [0u8; 160];
     let mut len = 0;
-    push_str(&mut buf, &mut len, "aivmm: seccomp: a ");
+    push_str(&mut buf, &mut len, "aivmm: seccomp: ");
     push_str(
         &mut buf,
         &mut len,
-        KIND.with(Cell::get).map_or("filtered", ThreadKind::name),
+        kind.map_or("filtered", ThreadKind::name),
     );
     push_str(
         &mut buf,
@@ -342,6 +354,12 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     install_handler()?;
     let program = compiled(kind)?;
     KIND.with(|cell| cell.set(Some(kind)));
+    // A thread spawned by an API thread (the runtime's blocking threads)
+    // already has the API filter: only API threads may spawn threads.
+    // SAFETY: PR_GET_SECCOMP takes no arguments and only reads the mode.
+    if kind == ThreadKind::Api && unsafe { libc::prctl(libc::PR_GET_SECCOMP) } == 2 {
+        return Ok(());
+    }
     seccompiler::apply_filter(program).map_err(|error| SeccompError::Apply {
         kind: kind.name(),
         message: error.to_string(),
@@ -366,7 +384,7 @@ mod tests {
     fn vcpu_filter_refuses_forbidden_calls() {
         let result = std::thread::spawn(|| {
             apply(ThreadKind::Vcpu).unwrap();
-            let before = refused().0;
+            let before = refused(ThreadKind::Vcpu).0;
             // SAFETY: plain system calls with valid (or null) arguments.
             let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
             let socket_errno = std::io::Error::last_os_error().raw_os_error();
@@ -382,7 +400,7 @@ mod tests {
                 open.map(|_| ()).map_err(|e| e.raw_os_error()),
                 ioctl,
                 ioctl_errno,
-                refused().0 - before,
+                refused(ThreadKind::Vcpu).0 - before,
                 v.iter().map(|&b| b as u64).sum::<u64>(),
                 now.elapsed() < std::time::Duration::from_secs(60),
             )
@@ -409,5 +427,45 @@ mod tests {
         push_str(&mut buf, &mut len, " ");
         push_number(&mut buf, &mut len, 0);
         assert_eq!(&buf[..len], b"41 -7 0");
+    }
+
+    /// A tokio runtime whose threads carry the API filter serves a Unix
+    /// socket connection (accept, read, write, close) with nothing refused.
+    #[test]
+    fn api_filter_lets_the_runtime_serve_a_socket() {
+        use std::io::{Read, Write};
+        let path =
+            std::env::temp_dir().join(format!("aivmm-seccomp-api-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .on_thread_start(|| apply(ThreadKind::Api).unwrap())
+            .enable_all()
+            .build()
+            .unwrap();
+        let before = refused(ThreadKind::Api).0;
+        let server = runtime.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 5];
+            stream.read_exact(&mut buf).await.unwrap();
+            // Work on a blocking thread too (spawned by a filtered thread).
+            let upper = tokio::task::spawn_blocking(move || buf.to_ascii_uppercase())
+                .await
+                .unwrap();
+            stream.write_all(&upper).await.unwrap();
+        });
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        client.write_all(b"hello").unwrap();
+        let mut reply = [0u8; 5];
+        client.read_exact(&mut reply).unwrap();
+        runtime.block_on(server).unwrap();
+        assert_eq!(&reply, b"HELLO");
+        runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+        assert_eq!(refused(ThreadKind::Api).0, before, "nothing refused");
+        let _ = std::fs::remove_file(&path);
     }
 }
