@@ -404,4 +404,32 @@ fn a_missing_numa_node_and_a_cpu_given_twice_are_refused() {
         matches!(error, PartitionError::HostCpuTwice { cpu: 0 }),
         "{error}"
     );
+
+    // More hugepages than node 0 has free: the error names the node and how
+    // to reserve there (nothing is mapped before the check).
+    let node_pool = "/sys/devices/system/node/node0/hugepages/hugepages-2048kB";
+    let free = read_number(&format!("{node_pool}/free_hugepages"));
+    if Path::new(node_pool).exists() && (free + 8) * (2 << 20) <= aivmm_guest_abi::layout::RAM_MAX {
+        let error = partition::start(PartitionConfig {
+            memory_bytes: (free + 8) * (2 << 20),
+            backing: RamBacking::Hugepages,
+            numa_node: Some(0),
+            ..PartitionConfig::default()
+        })
+        .err()
+        .expect("more hugepages than node 0 has");
+        let message = error.to_string();
+        assert!(
+            matches!(
+                error,
+                PartitionError::Memory(MemoryError::HugepagesShortOnNode { node: 0, .. })
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("{node_pool}/nr_hugepages")),
+            "{message}"
+        );
+        eprintln!("reported: {message}");
+    }
 }

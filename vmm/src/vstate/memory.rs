@@ -138,10 +138,11 @@ pub fn create_guest_ram(
         }
         RamBacking::Hugepages => {
             let needed = size / HUGEPAGE_SIZE;
-            check_hugepages(size, needed)?;
+            // The node's pool first: its message names the node to reserve on.
             if let Some(node) = node {
                 check_node_hugepages(node, size, needed)?;
             }
+            check_hugepages(size, needed)?;
             // No MAP_NORESERVE: the kernel reserves every page now, so a
             // shortage fails here rather than as a SIGBUS in the middle of a run.
             let flags =
