@@ -103,7 +103,7 @@ fn boot(plan: &BootPlan, id: &str, numa_node: Option<u32>) -> Result<InferencePa
     let config = PartitionConfig {
         numa_node,
         isolation: IsolationConfig {
-            cgroup: cgroup.then(|| CgroupRequest {
+            cgroup: cgroup.then_some(CgroupRequest {
                 name,
                 scope: CgroupScope::Threads,
                 memory_limit: None,
