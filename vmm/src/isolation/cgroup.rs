@@ -170,6 +170,10 @@ struct Group {
 pub struct PartitionCgroup {
     groups: Vec<Group>,
     scope: CgroupScope,
+    /// v2, Process scope: the `cgroup.subtree_control` files (innermost
+    /// first) and what was enabled in them, to disable on drop so that the
+    /// process may move back.
+    v2_enabled: Vec<(PathBuf, &'static str)>,
 }
 
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
@@ -256,6 +260,7 @@ impl PartitionCgroup {
         let mut this = PartitionCgroup {
             groups: Vec::new(),
             scope: spec.scope,
+            v2_enabled: Vec::new(),
         };
         // On an error, `this` drops and removes what was created so far.
         match hierarchy {
@@ -273,7 +278,8 @@ impl PartitionCgroup {
             }
             Hierarchy::V2 { root } => this.create_v2(root, spec)?,
         }
-        if spec.scope == CgroupScope::Process {
+        // (v2 moved the process in already, before enabling its controllers.)
+        if spec.scope == CgroupScope::Process && matches!(hierarchy, Hierarchy::V1 { .. }) {
             this.move_process_in()?;
         }
         Ok(this)
@@ -322,21 +328,30 @@ impl PartitionCgroup {
         let current = root.join(current_path(None)?);
         match spec.scope {
             CgroupScope::Process => {
+                // v2 allows no process in a cgroup that hands domain
+                // controllers (memory) to its children: this process moves
+                // into its leaf first, then the controllers are enabled down
+                // to it. (Not exercised on the v1 development machines.)
                 let parent = current.join("aivmm");
                 mkdir(&parent)?;
-                let controllers = if spec.memory_limit.is_some() {
-                    "+cpuset +memory"
-                } else {
-                    "+cpuset"
-                };
-                write(&parent.join("cgroup.subtree_control"), controllers)?;
                 let dir = parent.join(&spec.name);
                 mkdir(&dir)?;
                 self.groups.push(Group {
                     dir: dir.clone(),
-                    previous: Some(current),
+                    previous: Some(current.clone()),
                     threads_file: "cgroup.threads",
                 });
+                write(&dir.join("cgroup.procs"), &std::process::id().to_string())?;
+                let (enable, disable) = if spec.memory_limit.is_some() {
+                    ("+cpuset +memory", "-memory -cpuset")
+                } else {
+                    ("+cpuset", "-cpuset")
+                };
+                for dir in [&current, &parent] {
+                    let control = dir.join("cgroup.subtree_control");
+                    write(&control, enable)?;
+                    self.v2_enabled.insert(0, (control, disable));
+                }
                 if let Some(limit) = spec.memory_limit {
                     write(&dir.join("memory.max"), &limit.to_string())?;
                 }
@@ -390,6 +405,10 @@ impl PartitionCgroup {
 impl Drop for PartitionCgroup {
     fn drop(&mut self) {
         let pid = std::process::id().to_string();
+        // Best effort: another aivmm process may still use them.
+        for (control, disable) in self.v2_enabled.drain(..) {
+            let _ = std::fs::write(control, disable);
+        }
         for group in self.groups.drain(..).rev() {
             if self.scope == CgroupScope::Process {
                 if let Some(previous) = &group.previous {
@@ -586,6 +605,85 @@ mod tests {
             assert!(!dir.exists());
             assert_eq!(read(&own.join("cgroup.procs")).unwrap(), pid, "moved back");
         }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// cgroup v2 in a fake tree: Process scope enables the controllers down
+    /// to the leaf after moving in, and undoes it on drop; Threads scope
+    /// makes a threaded child of the process's cgroup.
+    #[test]
+    fn v2_in_a_fake_tree() {
+        let root = std::env::temp_dir().join(format!("aivmm-cgroup-v2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let own = root.join(current_path(None).unwrap());
+        std::fs::create_dir_all(&own).unwrap();
+        let hierarchy = Hierarchy::V2 { root: root.clone() };
+        let pid = std::process::id().to_string();
+
+        let cgroup = PartitionCgroup::create_in(
+            &hierarchy,
+            &CgroupSpec {
+                name: "run-2".into(),
+                scope: CgroupScope::Process,
+                cpus: vec![0],
+                mems: vec![0],
+                memory_limit: Some(1 << 30),
+            },
+        )
+        .unwrap();
+        let dir = own.join("aivmm/run-2");
+        assert_eq!(read(&dir.join("cgroup.procs")).unwrap(), pid);
+        assert_eq!(
+            read(&dir.join("memory.max")).unwrap(),
+            (1u64 << 30).to_string()
+        );
+        assert_eq!(read(&dir.join("cpuset.cpus")).unwrap(), "0");
+        assert_eq!(
+            read(&own.join("cgroup.subtree_control")).unwrap(),
+            "+cpuset +memory"
+        );
+        assert_eq!(
+            read(&own.join("aivmm/cgroup.subtree_control")).unwrap(),
+            "+cpuset +memory"
+        );
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        drop(cgroup);
+        assert!(!dir.exists());
+        assert_eq!(
+            read(&own.join("cgroup.subtree_control")).unwrap(),
+            "-memory -cpuset"
+        );
+        assert_eq!(read(&own.join("cgroup.procs")).unwrap(), pid, "moved back");
+
+        let cgroup = PartitionCgroup::create_in(
+            &hierarchy,
+            &CgroupSpec {
+                name: "tenant".into(),
+                scope: CgroupScope::Threads,
+                cpus: vec![1],
+                mems: vec![0],
+                memory_limit: None,
+            },
+        )
+        .unwrap();
+        let dir = own.join("aivmm-tenant");
+        assert_eq!(read(&dir.join("cgroup.type")).unwrap(), "threaded");
+        assert_eq!(
+            read(&own.join("cgroup.subtree_control")).unwrap(),
+            "+cpuset"
+        );
+        cgroup.join_current_thread().unwrap();
+        assert_eq!(
+            read(&dir.join("cgroup.threads")).unwrap(),
+            gettid().to_string()
+        );
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        drop(cgroup);
+        assert!(!dir.exists());
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
