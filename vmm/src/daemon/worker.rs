@@ -4,9 +4,9 @@
 //! new partition on another thread while this one keeps serving, and
 //! switches between two completions once the new one is ready.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use aivmm_api::request::{ChatRole, CompletionJob, Prompt as ApiPrompt, Reply, StreamEvent};
@@ -22,9 +22,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::metrics::{CompletionRecord, Outcome, PartitionMetrics};
 use super::stop_strings::StopStrings;
 use crate::host_engine::MappedModel;
-use crate::inference::{
-    plan_memory, GenerationRequest, InferenceError, InferencePartition, Prompt,
-};
+use crate::inference::{plan_memory, GenerationRequest, InferenceError, InferencePartition, Prompt};
+use crate::isolation::{CgroupRequest, CgroupScope, IsolationConfig};
 use crate::partition::{InferenceSetup, PartitionConfig};
 use crate::run::{EXIT_TIMEOUT, READY_TIMEOUT};
 use crate::vstate::memory::RamBacking;
@@ -88,8 +87,33 @@ pub fn plan(
     })
 }
 
-fn boot(plan: &BootPlan) -> Result<InferencePartition, String> {
+/// The daemon's isolation switches (`aivmm serve --no-cgroup/--no-seccomp`),
+/// set once at start-up: (cgroup, seccomp).
+static ISOLATION: OnceLock<(bool, bool)> = OnceLock::new();
+
+/// Sets what [`boot`] enforces; the default (never set) is everything.
+pub fn set_isolation(cgroup: bool, seccomp: bool) {
+    let _ = ISOLATION.set((cgroup, seccomp));
+}
+
+/// Boots `plan` for partition `id`: guest memory bound to the node the placer
+/// chose, the vCPU and event threads in a cgroup of their own (one per boot: a
+/// swap runs two at once) and under seccomp.
+fn boot(plan: &BootPlan, id: &str) -> Result<InferencePartition, String> {
+    let numa_node = plan.numa_node;
+    static BOOTS: AtomicU64 = AtomicU64::new(0);
+    let (cgroup, seccomp) = *ISOLATION.get_or_init(|| (true, true));
+    let name = format!("{id}-{}", BOOTS.fetch_add(1, Ordering::Relaxed));
     let config = PartitionConfig {
+        numa_node,
+        isolation: IsolationConfig {
+            cgroup: cgroup.then_some(CgroupRequest {
+                name,
+                scope: CgroupScope::Threads,
+                memory_limit: None,
+            }),
+            seccomp,
+        },
         vcpus: plan.vcpus,
         memory_bytes: plan.memory_bytes,
         backing: if plan.hugepages {
@@ -306,7 +330,7 @@ impl Worker {
             status.error = None;
             status.plan.clone()
         };
-        match boot(&plan) {
+        match boot(&plan, &self.shared.id) {
             Ok(partition) => {
                 self.shared
                     .metrics
@@ -370,10 +394,11 @@ impl Worker {
             status.swapping_to = Some(plan.model.name.clone());
         }
         let outbox = self.outbox.clone();
+        let id = self.shared.id.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("swap-{}", self.shared.id))
             .spawn(move || {
-                let result = boot(&plan);
+                let result = boot(&plan, &id);
                 let _ = outbox.send(WorkerMessage::SwapReady(Box::new(plan), result, reply));
             });
         if let Err(error) = spawned {

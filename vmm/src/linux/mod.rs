@@ -295,7 +295,7 @@ impl LinuxVm {
                 .name(format!("linux-vcpu{index}"))
                 .spawn(move || {
                     if let Some(cpu) = host_cpu {
-                        if let Err(source) = crate::partition::pin_current_thread(cpu) {
+                        if let Err(source) = crate::isolation::pin_current_thread(&[cpu]) {
                             shared_for_thread.finish(LinuxEnd::Pin {
                                 vcpu: index,
                                 cpu,

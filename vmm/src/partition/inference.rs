@@ -25,6 +25,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{PartitionError, Shared};
+use crate::isolation::{ThreadIsolation, ThreadKind};
 use crate::vstate::vm::Vm;
 
 /// What the guest's inference session is sized for (see `BootInfo`).
@@ -48,6 +49,8 @@ pub enum InferenceLinkError {
     EventManager(String),
     #[error("cannot start the inference event thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error("inference event thread: {0}")]
+    Isolation(#[source] crate::isolation::IsolationError),
     #[error("the guest has not set up the inference device (yet)")]
     NotReady,
     #[error("cannot hand the request to the guest: {0}")]
@@ -133,12 +136,15 @@ impl MutEventSubscriber for EventQueueDrainer {
 
 impl InferenceLink {
     /// Creates the device, registers the ioeventfd on its QUEUE_NOTIFY and
-    /// starts the event thread. The caller puts [`InferenceLink::device`] on
-    /// the MMIO bus at [`INFERENCE_MMIO_ADDR`].
+    /// starts the event thread (on the partition's CPUs, in its cgroup, under
+    /// its filter). The caller puts [`InferenceLink::device`] on the MMIO bus
+    /// at [`INFERENCE_MMIO_ADDR`].
     pub(super) fn attach(
         vm: &Vm,
         memory: GuestMemory,
         shared: Arc<Shared>,
+        isolation: ThreadIsolation,
+        cpus: Option<Vec<usize>>,
     ) -> Result<Self, PartitionError> {
         let (sender, receiver) = mpsc::channel();
         let transport = Arc::new(
@@ -165,6 +171,12 @@ impl InferenceLink {
         let thread = std::thread::Builder::new()
             .name("inference-events".into())
             .spawn(move || {
+                if let Err(error) = isolation.enter(ThreadKind::Events, cpus.as_deref()) {
+                    thread_shared.finish(Err(PartitionError::InferenceLink(
+                        InferenceLinkError::Isolation(error),
+                    )));
+                    return;
+                }
                 while !stopped.load(Ordering::Acquire) {
                     if let Err(error) = manager.run() {
                         thread_shared.finish(Err(PartitionError::InferenceLink(

@@ -6,7 +6,6 @@
 
 mod inference;
 mod vcpu_thread;
-pub(crate) use vcpu_thread::pin_current_thread;
 
 pub use inference::{InferenceLink, InferenceLinkError, InferenceSetup};
 
@@ -26,6 +25,10 @@ use aivmm_guest_abi::{fatal, BootInfo, ABI_VERSION, BOOT_INFO_MAGIC, MAX_VCPUS};
 use vmm_sys_util::signal::Killable;
 
 use crate::guest_image::{ImageError, KernelImage, INFERENCE_KERNEL};
+use crate::isolation::{
+    self, CgroupError, CgroupSpec, IsolationConfig, IsolationError, PartitionCgroup, SeccompError,
+    ThreadIsolation,
+};
 use crate::vstate::layout::{self, LayoutError, MemoryPlan};
 use crate::vstate::memory::{self, MemoryError, ModelWindow, RamBacking};
 use crate::vstate::vcpu::{self, CpuTemplate, EntryState, VcpuError};
@@ -40,9 +43,14 @@ pub struct PartitionConfig {
     pub memory_bytes: u64,
     /// How guest RAM is backed on the host.
     pub backing: RamBacking,
-    /// Host CPU for each vCPU thread (one entry per vCPU), or None to let the
-    /// host scheduler place them.
+    /// Host CPU for each vCPU thread (one entry per vCPU, each CPU once), or
+    /// None to let the host scheduler place them. The partition's other
+    /// threads (the inference event thread) run on the same CPUs.
     pub host_cpus: Option<Vec<usize>>,
+    /// NUMA node guest RAM is bound to (MPOL_BIND), and the cgroup's cpuset.mems.
+    pub numa_node: Option<u32>,
+    /// The partition's cgroup and seccomp filters.
+    pub isolation: IsolationConfig,
     /// Stack bytes per vCPU.
     pub stack_bytes: u64,
     /// Model file to map read-only into the model window.
@@ -65,6 +73,9 @@ impl Default for PartitionConfig {
             memory_bytes: 256 << 20,
             backing: RamBacking::Anonymous,
             host_cpus: None,
+            numa_node: None,
+            // `aivmm run` and the daemon turn the filters on (and a cgroup).
+            isolation: IsolationConfig::default(),
             stack_bytes: 1 << 20,
             model: None,
             console_forward: None,
@@ -225,12 +236,14 @@ pub enum PartitionError {
     KickSignal(#[source] vmm_sys_util::errno::Error),
     #[error("cannot start the thread of vCPU {vcpu}: {source}")]
     SpawnThread { vcpu: u32, source: std::io::Error },
-    #[error("cannot pin vCPU {vcpu} to host CPU {cpu}: {source}")]
-    Pin {
-        vcpu: u32,
-        cpu: usize,
-        source: std::io::Error,
-    },
+    #[error("host CPU {cpu} is given twice: each vCPU needs a CPU of its own")]
+    HostCpuTwice { cpu: usize },
+    #[error("vCPU {vcpu}: {source}")]
+    VcpuIsolation { vcpu: u32, source: IsolationError },
+    #[error("partition cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("{0}")]
     GuestFault(GuestFault),
     #[error("the guest reported a fatal error on vCPU {vcpu} ({}, code {code}): {message}", fatal_code_name(*.code))]
@@ -383,6 +396,8 @@ pub struct RunningPartition {
     vm: Option<Vm>,
     _model: Option<ModelWindow>,
     _ping_ioeventfd: vmm_sys_util::eventfd::EventFd,
+    /// Removed once every thread in it has ended (see Drop).
+    cgroup: Option<Arc<PartitionCgroup>>,
 }
 
 /// Builds the partition and starts its vCPUs.
@@ -399,6 +414,13 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
                 vcpus,
             });
         }
+        if let Some((_, &cpu)) = cpus
+            .iter()
+            .enumerate()
+            .find(|(i, cpu)| cpus[..*i].contains(cpu))
+        {
+            return Err(PartitionError::HostCpuTwice { cpu });
+        }
     }
     let requests = config.guest_requests;
     if requests.debug_flags != 0 && requests.debug_vcpu >= vcpus {
@@ -407,11 +429,38 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
             vcpus,
         });
     }
+    if config.isolation.seccomp {
+        isolation::seccomp::prepare()?;
+    }
+    // Before guest RAM: in Process scope, its pages are charged to the cgroup.
+    let cgroup = match &config.isolation.cgroup {
+        Some(request) => Some(Arc::new(PartitionCgroup::create(&CgroupSpec {
+            name: request.name.clone(),
+            scope: request.scope,
+            cpus: match &config.host_cpus {
+                Some(cpus) => cpus.clone(),
+                None => crate::run::allowed_cpus().map_err(|source| CgroupError::Read {
+                    path: "sched_getaffinity".into(),
+                    source,
+                })?,
+            },
+            mems: match config.numa_node {
+                Some(node) => vec![node],
+                None => memory::online_nodes(),
+            },
+            memory_limit: request.memory_limit,
+        })?)),
+        None => None,
+    };
+    let thread_isolation = ThreadIsolation {
+        cgroup: cgroup.clone(),
+        seccomp: config.isolation.seccomp,
+    };
     let image = Arc::new(KernelImage::parse(INFERENCE_KERNEL)?);
     let mut vm = Vm::new()?;
     let template = CpuTemplate::from_supported(vm.supported_cpuid()?)?;
 
-    let ram = memory::create_guest_ram(config.memory_bytes, config.backing)?;
+    let ram = memory::create_guest_ram(config.memory_bytes, config.backing, config.numa_node)?;
     let plan = MemoryPlan::new(
         config.memory_bytes,
         image.load_end,
@@ -515,7 +564,13 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
     bus.insert(CONSOLE_MMIO_ADDR, DEVICE_MMIO_SIZE, console.clone())?;
     let inference = match config.inference {
         Some(_) => {
-            let link = InferenceLink::attach(&vm, ram.clone(), shared.clone())?;
+            let link = InferenceLink::attach(
+                &vm,
+                ram.clone(),
+                shared.clone(),
+                thread_isolation.clone(),
+                config.host_cpus.clone(),
+            )?;
             bus.insert(INFERENCE_MMIO_ADDR, DEVICE_MMIO_SIZE, link.device())?;
             Some(link)
         }
@@ -543,6 +598,7 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
         vm: Some(vm),
         _model: model,
         _ping_ioeventfd: ping_ioeventfd,
+        cgroup,
     };
     for (index, fd) in (0..vcpus).zip(vcpu_fds) {
         let thread = VcpuThread {
@@ -553,6 +609,7 @@ pub fn start(config: PartitionConfig) -> Result<RunningPartition, PartitionError
             image: image.clone(),
             model_window: model_window.clone(),
             host_cpu: config.host_cpus.as_ref().map(|cpus| cpus[index as usize]),
+            isolation: thread_isolation.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
@@ -755,5 +812,6 @@ impl Drop for RunningPartition {
         }
         self.inference.take();
         self.vm.take();
+        self.cgroup.take();
     }
 }

@@ -17,6 +17,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::{FaultKind, GuestFault, PartitionEnd, PartitionError, Shared, VcpuRegisters};
 use crate::guest_image::KernelImage;
+use crate::isolation::{ThreadIsolation, ThreadKind};
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 pub(super) fn kick_signal() -> libc::c_int {
@@ -59,6 +60,7 @@ pub(super) struct VcpuThread {
     pub image: Arc<KernelImage<'static>>,
     pub model_window: Option<Range<u64>>,
     pub host_cpu: Option<usize>,
+    pub isolation: ThreadIsolation,
 }
 
 /// An exit, handled as far as possible while its kvm_run borrow lasts.
@@ -72,15 +74,16 @@ enum Step {
 
 impl VcpuThread {
     pub fn run(mut self) -> VcpuSummary {
-        if let Some(cpu) = self.host_cpu {
-            if let Err(source) = pin_current_thread(cpu) {
-                self.shared.finish(Err(PartitionError::Pin {
-                    vcpu: self.index,
-                    cpu,
-                    source,
-                }));
-                return VcpuSummary { registers: None };
-            }
+        let pin = self.host_cpu.map(|cpu| [cpu]);
+        if let Err(source) = self
+            .isolation
+            .enter(ThreadKind::Vcpu, pin.as_ref().map(|cpu| &cpu[..]))
+        {
+            self.shared.finish(Err(PartitionError::VcpuIsolation {
+                vcpu: self.index,
+                source,
+            }));
+            return VcpuSummary { registers: None };
         }
         IMMEDIATE_EXIT.with(|flag| flag.set(&raw mut self.vcpu.get_kvm_run().immediate_exit));
         let end = self.run_until_end();
@@ -211,24 +214,4 @@ fn mmio_read(bus: &MmioBus, vcpu: u32, addr: u64, data: &mut [u8]) -> Step {
         Ok(()) => Step::Continue,
         Err(source) => Step::End(Err(PartitionError::Device { vcpu, source })),
     }
-}
-
-pub(crate) fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "CPU number out of range",
-        ));
-    }
-    // SAFETY: cpu_set_t is plain bits, zero is the empty set; CPU_SET stays in
-    // bounds (checked above); sched_setaffinity(0, ..) affects only this thread
-    // and reads exactly size_of::<cpu_set_t>() bytes from `set`.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }

@@ -429,7 +429,7 @@ mod tests {
     #[test]
     fn page_tables_map_exactly_what_the_guest_may_touch() {
         for huge in [false, true] {
-            let memory = create_guest_ram(64 << 20, RamBacking::Anonymous).unwrap();
+            let memory = create_guest_ram(64 << 20, RamBacking::Anonymous, None).unwrap();
             let plan = MemoryPlan::new(64 << 20, 0x180000, 2, 1 << 20).unwrap();
             let pml4 = write_page_tables(&memory, &plan, 3 << 30, huge).unwrap();
             let user_rw = pte::PRESENT | pte::WRITABLE | pte::USER;

@@ -1,5 +1,10 @@
-//! Guest RAM (anonymous or hugepage-backed memory through vm-memory) and the
-//! model window (a file mapped read-only, never copied).
+//! Guest RAM (anonymous or hugepage-backed memory through vm-memory), bound
+//! to a NUMA node when asked and prefaulted in full, and the model window (a
+//! file mapped read-only, never copied).
+//!
+//! Prefault: every page of guest RAM is populated (on the bound node) before
+//! the partition starts, so no host page fault happens while it serves; a
+//! hugepage shortage shows up here as an error rather than as a SIGBUS later.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -10,6 +15,9 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, Mmap
 /// Size of the hugepages guest RAM uses when asked to.
 pub const HUGEPAGE_SIZE: u64 = 2 << 20;
 const HUGEPAGES_SYSFS: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+const NODES_SYSFS: &str = "/sys/devices/system/node";
+/// Highest NUMA node number accepted (the nodemask passed to mbind has this many bits).
+const MAX_NODES: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -42,6 +50,33 @@ pub enum MemoryError {
         needed: u64,
         source: std::io::Error,
     },
+    #[error(
+        "not enough free 2 MiB hugepages on NUMA node {node} for {size_mib} MiB of guest memory: \
+         {needed} needed, {available} free there. As root: echo {suggested} > \
+         /sys/devices/system/node/node{node}/hugepages/hugepages-2048kB/nr_hugepages"
+    )]
+    HugepagesShortOnNode {
+        node: u32,
+        size_mib: u64,
+        needed: u64,
+        available: u64,
+        suggested: u64,
+    },
+    #[error("NUMA node {node} does not exist on this host (nodes: {nodes})")]
+    NoSuchNode { node: u32, nodes: String },
+    #[error("cannot bind guest memory to NUMA node {node} (mbind MPOL_BIND): {source}")]
+    Mbind { node: u32, source: std::io::Error },
+    #[error(
+        "cannot populate {size_mib} MiB of guest memory{where_}: {source}{hint}",
+        where_ = node.map(|n| format!(" on NUMA node {n}")).unwrap_or_default(),
+        hint = if *hugepages { format!(". Reserve more 2 MiB hugepages{}", node.map(|n| format!(" on node {n} (/sys/devices/system/node/node{n}/hugepages/hugepages-2048kB/nr_hugepages)")).unwrap_or_else(|| " (/proc/sys/vm/nr_hugepages)".into())) } else { String::new() }
+    )]
+    Prefault {
+        size_mib: u64,
+        node: Option<u32>,
+        hugepages: bool,
+        source: std::io::Error,
+    },
     #[error("cannot set up guest memory regions: {0}")]
     Regions(String),
     #[error("cannot open model file {path}: {source}")]
@@ -70,8 +105,14 @@ pub enum RamBacking {
     Hugepages,
 }
 
-/// Guest RAM at guest-physical `[0, size)`.
-pub fn create_guest_ram(size: u64, backing: RamBacking) -> Result<GuestMemoryMmap, MemoryError> {
+/// Guest RAM at guest-physical `[0, size)`, on NUMA node `node` when given
+/// (MPOL_BIND: allocations never fall back to another node), every page
+/// populated before this returns.
+pub fn create_guest_ram(
+    size: u64,
+    backing: RamBacking,
+    node: Option<u32>,
+) -> Result<GuestMemoryMmap, MemoryError> {
     if !size.is_multiple_of(HUGEPAGE_SIZE) {
         return Err(MemoryError::Unaligned { size });
     }
@@ -80,6 +121,9 @@ pub fn create_guest_ram(size: u64, backing: RamBacking) -> Result<GuestMemoryMma
             size,
             max: layout::RAM_MAX,
         });
+    }
+    if let Some(node) = node {
+        check_node(node)?;
     }
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let region = match backing {
@@ -94,6 +138,10 @@ pub fn create_guest_ram(size: u64, backing: RamBacking) -> Result<GuestMemoryMma
         }
         RamBacking::Hugepages => {
             let needed = size / HUGEPAGE_SIZE;
+            // The node's pool first: its message names the node to reserve on.
+            if let Some(node) = node {
+                check_node_hugepages(node, size, needed)?;
+            }
             check_hugepages(size, needed)?;
             // No MAP_NORESERVE: the kernel reserves every page now, so a
             // shortage fails here rather than as a SIGBUS in the middle of a run.
@@ -108,6 +156,15 @@ pub fn create_guest_ram(size: u64, backing: RamBacking) -> Result<GuestMemoryMma
             })?
         }
     };
+    if let Some(node) = node {
+        bind(region.as_ptr(), size, node)?;
+    }
+    prefault(region.as_ptr(), size, backing).map_err(|source| MemoryError::Prefault {
+        size_mib: size >> 20,
+        node,
+        hugepages: backing == RamBacking::Hugepages,
+        source,
+    })?;
     let region = GuestRegionMmap::new(region, GuestAddress(0))
         .ok_or_else(|| MemoryError::Regions("RAM region wraps".into()))?;
     GuestMemoryMmap::from_regions(vec![region])
@@ -148,6 +205,112 @@ fn check_hugepages(size: u64, needed: u64) -> Result<(), MemoryError> {
             reserved,
             suggested: total + (needed - available),
         });
+    }
+    Ok(())
+}
+
+/// The host's online NUMA nodes.
+pub fn online_nodes() -> Vec<u32> {
+    std::fs::read_to_string(Path::new(NODES_SYSFS).join("online"))
+        .ok()
+        .and_then(|text| crate::run::parse_cpu_list(text.trim()).ok())
+        .map(|nodes| nodes.into_iter().map(|n| n as u32).collect())
+        // No sysfs node directory: a kernel without NUMA, which has node 0.
+        .unwrap_or_else(|| vec![0])
+}
+
+fn check_node(node: u32) -> Result<(), MemoryError> {
+    let nodes = online_nodes();
+    if node >= MAX_NODES || !nodes.contains(&node) {
+        return Err(MemoryError::NoSuchNode {
+            node,
+            nodes: nodes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        });
+    }
+    Ok(())
+}
+
+/// The node's own pool: MPOL_BIND takes hugepages from it only.
+fn check_node_hugepages(node: u32, size: u64, needed: u64) -> Result<(), MemoryError> {
+    let dir = Path::new(NODES_SYSFS).join(format!("node{node}/hugepages/hugepages-2048kB"));
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let (Some(total), Some(free)) = (read("nr_hugepages"), read("free_hugepages")) else {
+        return Ok(());
+    };
+    if free < needed {
+        return Err(MemoryError::HugepagesShortOnNode {
+            node,
+            size_mib: size >> 20,
+            needed,
+            available: free,
+            suggested: total + (needed - free),
+        });
+    }
+    Ok(())
+}
+
+/// mbind(MPOL_BIND) of `[addr, addr + size)` to `node`, before the first touch.
+fn bind(addr: *mut u8, size: u64, node: u32) -> Result<(), MemoryError> {
+    const MPOL_BIND: libc::c_ulong = 2;
+    const MPOL_MF_STRICT: libc::c_ulong = 1 << 0;
+    const MPOL_MF_MOVE: libc::c_ulong = 1 << 1;
+    let mut mask = [0 as libc::c_ulong; (MAX_NODES / libc::c_ulong::BITS) as usize];
+    mask[(node / libc::c_ulong::BITS) as usize] |= 1 << (node % libc::c_ulong::BITS);
+    // SAFETY: `addr..addr + size` is a mapping this module just created and
+    // owns; mbind reads `MAX_NODES` bits from `mask`, which holds that many.
+    // STRICT|MOVE: pages that already exist elsewhere (none, normally) move.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            addr,
+            size as libc::c_ulong,
+            MPOL_BIND,
+            mask.as_ptr(),
+            MAX_NODES as libc::c_ulong,
+            MPOL_MF_STRICT | MPOL_MF_MOVE,
+        )
+    };
+    if result != 0 {
+        return Err(MemoryError::Mbind {
+            node,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Populates every page of `[addr, addr + size)` for writing:
+/// MADV_POPULATE_WRITE (Linux 5.14) reports a shortage as an error; older
+/// kernels get a write to each page.
+fn prefault(addr: *mut u8, size: u64, backing: RamBacking) -> std::io::Result<()> {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    // SAFETY: the range is a private read-write mapping this module owns;
+    // populating it changes no contents (fresh anonymous memory reads as zero).
+    if unsafe { libc::madvise(addr.cast(), size as usize, MADV_POPULATE_WRITE) } == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() != Some(libc::EINVAL) {
+        return Err(error);
+    }
+    let step = match backing {
+        RamBacking::Anonymous => 4096,
+        RamBacking::Hugepages => HUGEPAGE_SIZE as usize,
+    };
+    for offset in (0..size as usize).step_by(step) {
+        // SAFETY: offset < size, inside the mapping; nothing else uses the
+        // memory yet, and writing zero over zero keeps its contents.
+        unsafe { addr.add(offset).write_volatile(0) };
     }
     Ok(())
 }
@@ -238,17 +401,52 @@ mod tests {
     #[test]
     fn ram_sizes_are_checked() {
         assert!(matches!(
-            create_guest_ram(3 << 20, RamBacking::Anonymous),
+            create_guest_ram(3 << 20, RamBacking::Anonymous, None),
             Err(MemoryError::Unaligned { .. })
         ));
         assert!(matches!(
-            create_guest_ram(2 << 20, RamBacking::Anonymous),
+            create_guest_ram(2 << 20, RamBacking::Anonymous, None),
             Err(MemoryError::OutOfRange { .. })
         ));
-        let ram = create_guest_ram(8 << 20, RamBacking::Anonymous).unwrap();
+        assert!(matches!(
+            create_guest_ram(8 << 20, RamBacking::Anonymous, Some(MAX_NODES + 1)),
+            Err(MemoryError::NoSuchNode { .. })
+        ));
+        let ram = create_guest_ram(8 << 20, RamBacking::Anonymous, None).unwrap();
         assert_eq!(ram.last_addr(), GuestAddress((8 << 20) - 1));
         ram.write_obj(0xabcdu64, GuestAddress(0x1000)).unwrap();
         assert_eq!(ram.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0xabcd);
+    }
+
+    /// Bound to node 0 (every Linux host has it) and populated: the mapping's
+    /// resident size is its whole size before anything touches it.
+    #[test]
+    fn ram_is_bound_and_prefaulted() {
+        let ram = create_guest_ram(8 << 20, RamBacking::Anonymous, Some(0)).unwrap();
+        let region = ram.find_region(GuestAddress(0)).unwrap();
+        let start = region.as_ptr() as u64;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        let header = lines
+            .by_ref()
+            .find(|line| {
+                line.split('-')
+                    .next()
+                    .and_then(|a| u64::from_str_radix(a, 16).ok())
+                    == Some(start)
+            })
+            .expect("the RAM mapping is in smaps");
+        let rss_kb: u64 = lines
+            .find_map(|line| line.strip_prefix("Rss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        assert_eq!(rss_kb, 8 << 10, "{header}: all 8 MiB resident");
+        let numa_maps = std::fs::read_to_string("/proc/self/numa_maps").unwrap();
+        let line = numa_maps
+            .lines()
+            .find(|line| line.starts_with(&format!("{start:x} ")))
+            .expect("the RAM mapping is in numa_maps");
+        assert!(line.contains("bind:0"), "{line}");
     }
 
     #[test]
