@@ -1214,11 +1214,17 @@ fn a_restarted_daemon_restores_its_partitions_on_the_same_cores() {
         if info.state != PartitionState::Starting {
             break info;
         }
-        assert!(Instant::now() < deadline, "the restored partition did not boot: {info:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the restored partition did not boot: {info:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(restored.state, PartitionState::Running, "{restored:?}");
-    assert_eq!(restored.host_cpus, running.host_cpus, "the same cores as before");
+    assert_eq!(
+        restored.host_cpus, running.host_cpus,
+        "the same cores as before"
+    );
     assert_eq!(restored.model, "tiny");
     let (status, body) = daemon.call("GET", "/partitions/stopped", None);
     assert_eq!(status, 200, "{body}");

@@ -19,8 +19,8 @@ use crate::inference::{
     plan_memory, simd_name, Completion, GenerationRequest, InferenceError, InferencePartition,
     MemoryPlan, Prompt, Ready,
 };
-use crate::model_store::{self, ModelStoreError};
 use crate::isolation::{CgroupRequest, CgroupScope, IsolationConfig};
+use crate::model_store::{self, ModelStoreError};
 use crate::partition::{GuestRequests, PartitionConfig};
 use crate::stats::LatencyStats;
 use crate::vstate::memory::RamBacking;
@@ -549,7 +549,12 @@ pub fn cmd_run(args: RunArgs) -> Result<(), RunError> {
             };
             let completion = partition.generate(&request(Prompt::Text(&text)), &mut |piece| {
                 // Nobody reads the output any more (a closed pipe): stop.
-                if !args.json && stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+                if !args.json
+                    && stdout
+                        .write_all(piece.as_bytes())
+                        .and_then(|()| stdout.flush())
+                        .is_err()
+                {
                     return Flow::Stop;
                 }
                 Flow::Continue

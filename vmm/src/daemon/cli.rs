@@ -12,7 +12,12 @@ use clap::{Args, Subcommand};
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// The daemon's API socket.
-    #[arg(long, env = "AIVMM_API_SOCK", default_value = "/run/aivmm.sock", global = true)]
+    #[arg(
+        long,
+        env = "AIVMM_API_SOCK",
+        default_value = "/run/aivmm.sock",
+        global = true
+    )]
     pub api_sock: PathBuf,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
@@ -26,12 +31,22 @@ pub enum PartitionCommand {
     /// List partitions.
     List,
     /// Show one partition.
-    Get { id: String },
-    Start { id: String },
-    Stop { id: String },
-    Restart { id: String },
+    Get {
+        id: String,
+    },
+    Start {
+        id: String,
+    },
+    Stop {
+        id: String,
+    },
+    Restart {
+        id: String,
+    },
     /// Stop and remove a partition.
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -144,7 +159,10 @@ fn cpu_list(cpus: &[usize]) -> String {
     if cpus.is_empty() {
         return "-".into();
     }
-    cpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    cpus.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn uptime(secs: Option<f64>) -> String {
@@ -166,7 +184,11 @@ fn partition_rows(list: &[PartitionInfo]) {
                 p.model.clone(),
                 p.vcpus.to_string(),
                 cpu_list(&p.host_cpus),
-                format!("{} MiB{}", p.memory_mib, if p.hugepages { " (2M pages)" } else { "" }),
+                format!(
+                    "{} MiB{}",
+                    p.memory_mib,
+                    if p.hugepages { " (2M pages)" } else { "" }
+                ),
                 p.context_length.to_string(),
                 uptime(p.uptime_secs),
                 p.counters.requests.to_string(),
@@ -176,7 +198,10 @@ fn partition_rows(list: &[PartitionInfo]) {
         })
         .collect();
     print_table(
-        &["ID", "STATE", "MODEL", "VCPUS", "CPUS", "MEMORY", "CTX", "UPTIME", "REQUESTS", "TOKENS", "QUEUE"],
+        &[
+            "ID", "STATE", "MODEL", "VCPUS", "CPUS", "MEMORY", "CTX", "UPTIME", "REQUESTS",
+            "TOKENS", "QUEUE",
+        ],
         &rows,
     );
     for p in list {
@@ -243,13 +268,16 @@ pub fn partition(args: &ClientArgs, command: &PartitionCommand) -> Result<(), Cl
             let info: PartitionInfo = client.call("GET", &format!("/partitions/{id}"), none)?;
             show_partition(args, &info)
         }
-        PartitionCommand::Start { id } | PartitionCommand::Stop { id } | PartitionCommand::Restart { id } => {
+        PartitionCommand::Start { id }
+        | PartitionCommand::Stop { id }
+        | PartitionCommand::Restart { id } => {
             let action = match command {
                 PartitionCommand::Start { .. } => "start",
                 PartitionCommand::Stop { .. } => "stop",
                 _ => "restart",
             };
-            let info: PartitionInfo = client.call("POST", &format!("/partitions/{id}/{action}"), none)?;
+            let info: PartitionInfo =
+                client.call("POST", &format!("/partitions/{id}/{action}"), none)?;
             show_partition(args, &info)
         }
         PartitionCommand::Delete { id } => {
@@ -283,12 +311,21 @@ pub fn model(args: &ClientArgs, command: &ModelCommand) -> Result<(), CliError> 
                         format!("{:.1}M", m.parameters as f64 / 1e6),
                         format!("{} MiB", m.size_bytes >> 20),
                         m.context_length.to_string(),
-                        if m.used_by.is_empty() { "-".into() } else { m.used_by.join(",") },
+                        if m.used_by.is_empty() {
+                            "-".into()
+                        } else {
+                            m.used_by.join(",")
+                        },
                         m.path.clone(),
                     ]
                 })
                 .collect();
-            print_table(&["NAME", "ARCH", "QUANT", "PARAMS", "SIZE", "CONTEXT", "USED BY", "PATH"], &rows);
+            print_table(
+                &[
+                    "NAME", "ARCH", "QUANT", "PARAMS", "SIZE", "CONTEXT", "USED BY", "PATH",
+                ],
+                &rows,
+            );
             Ok(())
         }
         ModelCommand::Register { name, path } => {
@@ -301,16 +338,30 @@ pub fn model(args: &ClientArgs, command: &ModelCommand) -> Result<(), CliError> 
             if args.json {
                 print_json(&info)
             } else {
-                println!("{}: {} {} ({} MiB)", info.name, info.architecture, info.quantization, info.size_bytes >> 20);
+                println!(
+                    "{}: {} {} ({} MiB)",
+                    info.name,
+                    info.architecture,
+                    info.quantization,
+                    info.size_bytes >> 20
+                );
                 Ok(())
             }
         }
-        ModelCommand::Swap { partition, model, ctx_size } => {
+        ModelCommand::Swap {
+            partition,
+            model,
+            ctx_size,
+        } => {
             let swap = ModelSwap {
                 model: model.clone(),
                 context_length: *ctx_size,
             };
-            let info: PartitionInfo = client.call("PUT", &format!("/partitions/{partition}/model"), Some(&swap))?;
+            let info: PartitionInfo = client.call(
+                "PUT",
+                &format!("/partitions/{partition}/model"),
+                Some(&swap),
+            )?;
             show_partition(args, &info)
         }
     }
@@ -358,7 +409,8 @@ pub fn complete(args: &ClientArgs, complete: &CompleteArgs) -> Result<(), CliErr
             _ => {}
         },
     )?;
-    let result = outcome?.ok_or_else(|| CliError::Completion("the stream ended without a result".into()))?;
+    let result =
+        outcome?.ok_or_else(|| CliError::Completion("the stream ended without a result".into()))?;
     if args.json {
         return print_json(&result);
     }
@@ -403,7 +455,19 @@ pub fn stats(args: &ClientArgs) -> Result<(), CliError> {
         })
         .collect();
     print_table(
-        &["ID", "STATE", "MODEL", "REQUESTS", "TOKENS", "TOK/S", "TTFT P50 MS", "TOKEN P50 MS", "TOKEN P99 MS", "JITTER MS", "EXITS"],
+        &[
+            "ID",
+            "STATE",
+            "MODEL",
+            "REQUESTS",
+            "TOKENS",
+            "TOK/S",
+            "TTFT P50 MS",
+            "TOKEN P50 MS",
+            "TOKEN P99 MS",
+            "JITTER MS",
+            "EXITS",
+        ],
         &rows,
     );
     Ok(())

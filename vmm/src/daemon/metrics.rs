@@ -209,40 +209,97 @@ pub fn render(uptime_secs: f64, rows: &[MetricsRow<'_>]) -> String {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
     };
-    family(&mut out, "aivmm_uptime_seconds", "gauge", "Seconds since the daemon started.");
+    family(
+        &mut out,
+        "aivmm_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+    );
     let _ = writeln!(out, "aivmm_uptime_seconds {uptime_secs}");
-    family(&mut out, "aivmm_partitions", "gauge", "Partitions known to the daemon.");
+    family(
+        &mut out,
+        "aivmm_partitions",
+        "gauge",
+        "Partitions known to the daemon.",
+    );
     let _ = writeln!(out, "aivmm_partitions {}", rows.len());
 
-    let recorded: Vec<Recorded> = rows.iter().map(|row| row.metrics.recorded().clone()).collect();
+    let recorded: Vec<Recorded> = rows
+        .iter()
+        .map(|row| row.metrics.recorded().clone())
+        .collect();
     let labels: Vec<String> = rows
         .iter()
         .map(|row| format!("partition=\"{}\"", escape(row.id)))
         .collect();
 
-    family(&mut out, "aivmm_partition_info", "gauge", "The model a partition serves (always 1).");
+    family(
+        &mut out,
+        "aivmm_partition_info",
+        "gauge",
+        "The model a partition serves (always 1).",
+    );
     for (row, l) in rows.iter().zip(&labels) {
-        let _ = writeln!(out, "aivmm_partition_info{{{l},model=\"{}\"}} 1", escape(row.model));
+        let _ = writeln!(
+            out,
+            "aivmm_partition_info{{{l},model=\"{}\"}} 1",
+            escape(row.model)
+        );
     }
-    family(&mut out, "aivmm_partition_state", "gauge", "1 for the state the partition is in.");
+    family(
+        &mut out,
+        "aivmm_partition_state",
+        "gauge",
+        "1 for the state the partition is in.",
+    );
     for (row, l) in rows.iter().zip(&labels) {
         for state in PartitionState::ALL {
             let on = u8::from(row.state == state);
-            let _ = writeln!(out, "aivmm_partition_state{{{l},state=\"{}\"}} {on}", state.as_str());
+            let _ = writeln!(
+                out,
+                "aivmm_partition_state{{{l},state=\"{}\"}} {on}",
+                state.as_str()
+            );
         }
     }
-    family(&mut out, "aivmm_requests_total", "counter", "Completions finished, by outcome.");
+    family(
+        &mut out,
+        "aivmm_requests_total",
+        "counter",
+        "Completions finished, by outcome.",
+    );
     for (r, l) in recorded.iter().zip(&labels) {
         let c = &r.counters;
         let completed = c.requests - c.requests_cancelled - c.requests_failed;
-        let _ = writeln!(out, "aivmm_requests_total{{{l},outcome=\"completed\"}} {completed}");
-        let _ = writeln!(out, "aivmm_requests_total{{{l},outcome=\"cancelled\"}} {}", c.requests_cancelled);
-        let _ = writeln!(out, "aivmm_requests_total{{{l},outcome=\"failed\"}} {}", c.requests_failed);
+        let _ = writeln!(
+            out,
+            "aivmm_requests_total{{{l},outcome=\"completed\"}} {completed}"
+        );
+        let _ = writeln!(
+            out,
+            "aivmm_requests_total{{{l},outcome=\"cancelled\"}} {}",
+            c.requests_cancelled
+        );
+        let _ = writeln!(
+            out,
+            "aivmm_requests_total{{{l},outcome=\"failed\"}} {}",
+            c.requests_failed
+        );
     }
     let counters: [(&str, &str, fn(&PartitionCounters) -> u64); 3] = [
-        ("aivmm_prompt_tokens_total", "Prompt tokens of finished completions.", |c| c.prompt_tokens),
-        ("aivmm_tokens_generated_total", "Tokens generated.", |c| c.tokens_generated),
-        ("aivmm_partition_boots_total", "Times the partition booted.", |c| c.boots),
+        (
+            "aivmm_prompt_tokens_total",
+            "Prompt tokens of finished completions.",
+            |c| c.prompt_tokens,
+        ),
+        ("aivmm_tokens_generated_total", "Tokens generated.", |c| {
+            c.tokens_generated
+        }),
+        (
+            "aivmm_partition_boots_total",
+            "Times the partition booted.",
+            |c| c.boots,
+        ),
     ];
     for (name, help, value) in counters {
         family(&mut out, name, "counter", help);
@@ -250,30 +307,79 @@ pub fn render(uptime_secs: f64, rows: &[MetricsRow<'_>]) -> String {
             let _ = writeln!(out, "{name}{{{l}}} {}", value(&r.counters));
         }
     }
-    family(&mut out, "aivmm_vcpu_exits_total", "counter", "VM exits of the partition's guest (MMIO exits and notifications).");
+    family(
+        &mut out,
+        "aivmm_vcpu_exits_total",
+        "counter",
+        "VM exits of the partition's guest (MMIO exits and notifications).",
+    );
     for (row, l) in rows.iter().zip(&labels) {
-        let _ = writeln!(out, "aivmm_vcpu_exits_total{{{l}}} {}", row.metrics.vcpu_exits.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "aivmm_vcpu_exits_total{{{l}}} {}",
+            row.metrics.vcpu_exits.load(Ordering::Relaxed)
+        );
     }
-    family(&mut out, "aivmm_queue_depth", "gauge", "Completions waiting or running.");
+    family(
+        &mut out,
+        "aivmm_queue_depth",
+        "gauge",
+        "Completions waiting or running.",
+    );
     for (row, l) in rows.iter().zip(&labels) {
-        let _ = writeln!(out, "aivmm_queue_depth{{{l}}} {}", row.metrics.queue_depth.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "aivmm_queue_depth{{{l}}} {}",
+            row.metrics.queue_depth.load(Ordering::Relaxed)
+        );
     }
-    family(&mut out, "aivmm_guest_memory_bytes", "gauge", "Guest RAM of the running partition.");
+    family(
+        &mut out,
+        "aivmm_guest_memory_bytes",
+        "gauge",
+        "Guest RAM of the running partition.",
+    );
     for (row, l) in rows.iter().zip(&labels) {
-        let _ = writeln!(out, "aivmm_guest_memory_bytes{{{l}}} {}", row.metrics.guest_memory_bytes.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "aivmm_guest_memory_bytes{{{l}}} {}",
+            row.metrics.guest_memory_bytes.load(Ordering::Relaxed)
+        );
     }
-    family(&mut out, "aivmm_tokens_per_second", "gauge", "Generation rate of the last completion.");
+    family(
+        &mut out,
+        "aivmm_tokens_per_second",
+        "gauge",
+        "Generation rate of the last completion.",
+    );
     for (r, l) in recorded.iter().zip(&labels) {
         let _ = writeln!(out, "aivmm_tokens_per_second{{{l}}} {}", r.tokens_per_sec);
     }
-    family(&mut out, "aivmm_token_latency_jitter_seconds", "gauge", "p99 - p50 of the recent per-token latency.");
+    family(
+        &mut out,
+        "aivmm_token_latency_jitter_seconds",
+        "gauge",
+        "p99 - p50 of the recent per-token latency.",
+    );
     for (r, l) in recorded.iter().zip(&labels) {
         let p = LatencyStats::from_samples(r.recent_token_ms.0.iter().copied());
-        let _ = writeln!(out, "aivmm_token_latency_jitter_seconds{{{l}}} {}", p.jitter_ms / 1e3);
+        let _ = writeln!(
+            out,
+            "aivmm_token_latency_jitter_seconds{{{l}}} {}",
+            p.jitter_ms / 1e3
+        );
     }
     let histograms: [(&str, &str, fn(&Recorded) -> &Histogram); 2] = [
-        ("aivmm_time_to_first_token_seconds", "Time to first token, from the guest's clock.", |r| &r.ttft),
-        ("aivmm_token_latency_seconds", "Time between consecutive tokens, from the guest's clock.", |r| &r.token_latency),
+        (
+            "aivmm_time_to_first_token_seconds",
+            "Time to first token, from the guest's clock.",
+            |r| &r.ttft,
+        ),
+        (
+            "aivmm_token_latency_seconds",
+            "Time between consecutive tokens, from the guest's clock.",
+            |r| &r.token_latency,
+        ),
     ];
     for (name, help, histogram) in histograms {
         family(&mut out, name, "histogram", help);
@@ -321,8 +427,12 @@ mod tests {
                 metrics: &metrics,
             }],
         );
-        assert!(text.contains("aivmm_token_latency_seconds_bucket{partition=\"a\\\"b\",le=\"0.01\"} 2"));
-        assert!(text.contains("aivmm_token_latency_seconds_bucket{partition=\"a\\\"b\",le=\"+Inf\"} 3"));
+        assert!(
+            text.contains("aivmm_token_latency_seconds_bucket{partition=\"a\\\"b\",le=\"0.01\"} 2")
+        );
+        assert!(
+            text.contains("aivmm_token_latency_seconds_bucket{partition=\"a\\\"b\",le=\"+Inf\"} 3")
+        );
         assert!(text.contains("aivmm_time_to_first_token_seconds_count{partition=\"a\\\"b\"} 1"));
         assert!(text.contains("aivmm_partition_state{partition=\"a\\\"b\",state=\"running\"} 1"));
     }

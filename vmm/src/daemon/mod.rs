@@ -186,7 +186,9 @@ pub fn serve(
             if seccomp {
                 if let Err(error) = crate::isolation::seccomp::apply(ThreadKind::Api) {
                     // Checked by probe_api_filter; cannot happen short of a kernel change.
-                    eprintln!("aivmm serve: an API thread runs WITHOUT its seccomp filter: {error}");
+                    eprintln!(
+                        "aivmm serve: an API thread runs WITHOUT its seccomp filter: {error}"
+                    );
                 }
             }
         })

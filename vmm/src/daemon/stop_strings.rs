@@ -100,13 +100,22 @@ mod tests {
 
     #[test]
     fn a_stop_string_split_across_pieces_is_never_sent() {
-        assert_eq!(run(&["\n\n"], &["Hello", "\n", "\nWorld"]), ("Hello".into(), true));
-        assert_eq!(run(&["END"], &["abcE", "N", "D tail"]), ("abc".into(), true));
+        assert_eq!(
+            run(&["\n\n"], &["Hello", "\n", "\nWorld"]),
+            ("Hello".into(), true)
+        );
+        assert_eq!(
+            run(&["END"], &["abcE", "N", "D tail"]),
+            ("abc".into(), true)
+        );
     }
 
     #[test]
     fn held_text_that_turns_out_not_to_stop_is_sent() {
-        assert_eq!(run(&["END"], &["abcE", "Nx", "y"]), ("abcENxy".into(), false));
+        assert_eq!(
+            run(&["END"], &["abcE", "Nx", "y"]),
+            ("abcENxy".into(), false)
+        );
         assert_eq!(run(&["END"], &["tail E"]), ("tail E".into(), false));
     }
 

@@ -22,7 +22,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::metrics::{CompletionRecord, Outcome, PartitionMetrics};
 use super::stop_strings::StopStrings;
 use crate::host_engine::MappedModel;
-use crate::inference::{plan_memory, GenerationRequest, InferenceError, InferencePartition, Prompt};
+use crate::inference::{
+    plan_memory, GenerationRequest, InferenceError, InferencePartition, Prompt,
+};
 use crate::isolation::{CgroupRequest, CgroupScope, IsolationConfig};
 use crate::partition::{InferenceSetup, PartitionConfig};
 use crate::run::{EXIT_TIMEOUT, READY_TIMEOUT};
