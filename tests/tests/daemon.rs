@@ -102,6 +102,8 @@ impl Daemon {
             host_cpus: None,
             state_file: None,
             sysfs_root: PathBuf::from("/"),
+            no_cgroup: false,
+            no_seccomp: false,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -1066,6 +1068,8 @@ fn the_api_socket_is_private_stale_sockets_are_replaced_and_a_second_daemon_is_r
         host_cpus: None,
         state_file: None,
         sysfs_root: PathBuf::from("/"),
+        no_cgroup: false,
+        no_seccomp: false,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let first_args = args(&socket);
