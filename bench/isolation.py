@@ -18,7 +18,10 @@ partitions for "two at once"): per-token latency p50 and p99 (the time
 between consecutive tokens on the guest's TSC, from `aivmm run --json`'s
 token_latency), jitter = p99 - p50 (absolute and as a share of p50; target
 < 5% on a dedicated core), the generation rate, and the rate ratio
-two-at-once / alone.
+two-at-once / alone. The machine's own floor is measured in the same run:
+the same generation by the engine on the host (`aivmm generate --host`, one
+thread pinned to the first CPU, no VM), and the partition's jitter is also
+given as a ratio to it.
 
 The two processes start together, but each boots and warms up on its own
 (~2 s), so their generations overlap for most, not all, of the run; the
@@ -60,6 +63,40 @@ def command(args, cpu, hugepages):
     if not args.cgroup:
         argv.append("--no-cgroup")
     return argv
+
+
+def host_command(args):
+    """The same generation by the engine on the host, in this process's
+    thread: the machine's own per-token jitter, the floor a partition is
+    judged against."""
+    return [
+        args.aivmm, "generate", "--host", "--threads", "1", "--model", args.model, "--prompt", PROMPT,
+        "--temp", "0", "-n", str(args.n), "--ignore-eos", "--json", "--ctx-size", str(args.ctx_size),
+    ]
+
+
+def run_host(args, cpu):
+    """Runs host_command pinned to `cpu`; returns a report shaped like a
+    partition's (token_latency from the gaps between tokens)."""
+    proc = subprocess.run(
+        host_command(args), capture_output=True, text=True, preexec_fn=lambda: os.sched_setaffinity(0, {cpu})
+    )
+    if proc.returncode != 0:
+        sys.exit(f"bench: {' '.join(host_command(args))} failed:\n{proc.stderr}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    times = report["token_ms"]
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+
+    def pct(q):
+        return gaps[min(len(gaps) - 1, int(q * len(gaps)))]
+
+    report["token_latency"] = {
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+        "max_ms": gaps[-1],
+        "jitter_ms": pct(0.99) - pct(0.5),
+    }
+    return report
 
 
 def run_together(argvs):
@@ -111,6 +148,11 @@ def main():
         sys.exit(f"bench: CPUs {cpus[:2]} are not all allowed for this process ({sorted(allowed)})")
 
     results = {}
+    host = []
+    for rep in range(args.reps):
+        log(f"host engine on CPU {cpus[0]}: repetition {rep + 1}/{args.reps}")
+        host.append(run_host(args, cpus[0]))
+    host_summary = summary(host)
     for hugepages in [False] + ([] if args.no_hugepages else [True]):
         backing = "hugepages" if hugepages else "anonymous"
         alone, together = [], []
@@ -124,21 +166,29 @@ def main():
             "alone": a,
             "two_at_once": t,
             "rate_ratio_two_over_alone": t["gen_tok_s"] / a["gen_tok_s"] if a["gen_tok_s"] else 0.0,
+            "jitter_ratio_alone_over_host": a["jitter_ms"] / host_summary["jitter_ms"]
+            if host_summary["jitter_ms"]
+            else 0.0,
         }
 
     print(f"model {os.path.basename(args.model)}, {args.n} tokens, greedy, 1 vCPU per partition, CPUs {cpus[:2]}, "
           f"median of {args.reps} repetitions")
     print(f"{'backing':<10} {'run':<12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'jitter ms':>10} {'jitter %':>9} "
           f"{'tok/s':>7} {'gen s':>6}")
+    s = host_summary
+    print(f"{'host':<10} {'no VM':<12} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} {s['max_ms']:8.3f} "
+          f"{s['jitter_ms']:10.3f} {s['jitter_pct_of_p50']:8.1f}% {s['gen_tok_s']:7.1f} {s['gen_ms'] / 1e3:6.2f}")
     for backing, r in results.items():
         for name in ("alone", "two_at_once"):
             s = r[name]
             print(f"{backing:<10} {name:<12} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} {s['max_ms']:8.3f} "
                   f"{s['jitter_ms']:10.3f} {s['jitter_pct_of_p50']:8.1f}% {s['gen_tok_s']:7.1f} {s['gen_ms'] / 1e3:6.2f}")
-        print(f"{backing:<10} rate ratio two at once / alone: {r['rate_ratio_two_over_alone']:.3f}")
+        print(f"{backing:<10} rate ratio two at once / alone: {r['rate_ratio_two_over_alone']:.3f}; "
+              f"jitter alone / the host engine's on the same core: {r['jitter_ratio_alone_over_host']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"n": args.n, "cpus": cpus[:2], "reps": args.reps, "results": results}, f, indent=2)
+            json.dump({"n": args.n, "cpus": cpus[:2], "reps": args.reps, "host": host_summary, "results": results},
+                      f, indent=2)
 
 
 if __name__ == "__main__":
