@@ -38,19 +38,9 @@ import statistics
 import subprocess
 import sys
 
+from benchlib import log, parse_cpus
+
 PROMPT = "Write a detailed account of a single night in the life of a lighthouse keeper during a winter storm:"
-
-
-def log(message):
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-def parse_cpus(text):
-    cpus = []
-    for part in text.split(","):
-        first, _, last = part.strip().partition("-")
-        cpus.extend(range(int(first), int(last or first) + 1))
-    return cpus
 
 
 def command(args, cpu, hugepages):

@@ -11,27 +11,9 @@
 # hugepages with tests/setup-hugepages.sh (root; skipped with --no-hugepages),
 # then runs bench/isolation.py. Needs /dev/kvm and a quiet machine.
 set -euo pipefail
-root="$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)"
-cd "$root"
-
-if [ ! -e /dev/kvm ]; then
-  echo "bench: /dev/kvm not found: partitions need KVM" >&2
-  exit 1
-fi
-model_args=()
-case " $* " in
-  *" --model "*) ;;
-  *) model_args=(--model "$(images/fetch-model.sh)") ;;
-esac
+source "$(dirname "${BASH_SOURCE[0]}")/kvm-bench-setup.sh"
 case " $* " in
   *" --no-hugepages "*) ;;
   *) tests/setup-hugepages.sh 512 >&2 ;;
 esac
-if [ -n "${AIVMM_BIN:-}" ]; then
-  aivmm="$AIVMM_BIN"
-else
-  echo "bench: cargo build --release -p aivmm" >&2
-  cargo build --release -p aivmm >&2
-  aivmm="${CARGO_TARGET_DIR:-$root/target}/release/aivmm"
-fi
 exec python3 bench/isolation.py --aivmm "$aivmm" "${model_args[@]}" "$@"

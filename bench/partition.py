@@ -36,6 +36,8 @@ import statistics
 import subprocess
 import sys
 
+from benchlib import log, parse_cpus
+
 PROMPT = (
     "The history of the lighthouse begins in the ancient world, when fires were lit on hilltops to guide "
     "ships into harbour. The most famous of these early lights stood at Alexandria, on the island of Pharos, "
@@ -46,18 +48,6 @@ PROMPT = (
     "tell them apart at night. Write a detailed account of a single night in the life of a lighthouse keeper "
     "during a winter storm:"
 )
-
-
-def log(message):
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-def parse_cpus(text):
-    cpus = []
-    for part in text.split(","):
-        first, _, last = part.strip().partition("-")
-        cpus.extend(range(int(first), int(last or first) + 1))
-    return cpus
 
 
 def run_json(argv, cpus):

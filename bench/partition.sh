@@ -11,23 +11,5 @@
 # spin their workers between jobs, and a core taken by something else slows
 # both down by much more than its share.
 set -euo pipefail
-root="$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)"
-cd "$root"
-
-if [ ! -e /dev/kvm ]; then
-  echo "bench: /dev/kvm not found: the partition side needs KVM" >&2
-  exit 1
-fi
-model_args=()
-case " $* " in
-  *" --model "*) ;;
-  *) model_args=(--model "$(images/fetch-model.sh)") ;;
-esac
-if [ -n "${AIVMM_BIN:-}" ]; then
-  aivmm="$AIVMM_BIN"
-else
-  echo "bench: cargo build --release -p aivmm" >&2
-  cargo build --release -p aivmm >&2
-  aivmm="${CARGO_TARGET_DIR:-$root/target}/release/aivmm"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/kvm-bench-setup.sh"
 exec python3 bench/partition.py --aivmm "$aivmm" "${model_args[@]}" "$@"

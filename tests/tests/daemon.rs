@@ -15,11 +15,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use aivmm::daemon::{self, ServeArgs, ServeError};
-use aivmm::host_engine::{HostEngine, HostOptions, MappedModel};
+use aivmm::host_engine::MappedModel;
 use aivmm_api::client::{Client, SseEvent};
 use aivmm_api::types::*;
 use aivmm_engine::chat::{ChatTemplate, Message, Role};
-use aivmm_engine::sampling::SamplerConfig;
 use serde_json::{json, Value};
 
 /// Two cores: the daemon tests take turns (each boots up to two partitions).
@@ -221,28 +220,14 @@ impl Daemon {
 /// Greedy text of the host engine for `text` (the reference `aivmm run` equals,
 /// as the partition tests show).
 fn host_greedy_text(model_path: &Path, text: &str, max_tokens: usize) -> String {
-    let mapped = MappedModel::open(model_path).unwrap();
-    let gguf = mapped.parse().unwrap();
-    let model = mapped.load(&gguf).unwrap();
-    let mut engine = HostEngine::new(
-        model,
-        HostOptions {
-            threads: 1,
-            n_ctx: 0,
-            max_batch: 32,
-            max_tokens,
-            sampling: SamplerConfig::greedy(),
-            ignore_eos: false,
-            kernels: None,
-        },
-    )
-    .unwrap();
-    let prompt = engine.tokenize_prompt(text);
-    let mut out = String::new();
-    engine
-        .complete(&prompt, &mut |piece| out.push_str(piece))
-        .unwrap();
-    out
+    common::with_greedy_host_engine(model_path, 0, max_tokens, false, |engine| {
+        let prompt = engine.tokenize_prompt(text);
+        let mut out = String::new();
+        engine
+            .complete(&prompt, &mut |piece| out.push_str(piece))
+            .unwrap();
+        out
+    })
 }
 
 fn chat_text(model_path: &Path, user: &str) -> String {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use aivmm::host_engine::{HostEngine, HostOptions, MappedModel};
+use aivmm::host_engine::MappedModel;
 use aivmm::inference::{
     plan_memory, Completion, GenerationRequest, InferenceError, InferencePartition, Prompt,
 };
@@ -208,26 +208,12 @@ fn exit_cleanly(partition: InferencePartition, completions: &[&Completion]) {
 /// The host engine's greedy completions of `prompts`, one after the other in
 /// one session (as the partition runs them), each the whole context.
 fn host_greedy(model_path: &Path, prompts: &[&[u32]], max_tokens: usize) -> Vec<Vec<u32>> {
-    let mapped = MappedModel::open(model_path).unwrap();
-    let gguf = mapped.parse().unwrap();
-    let model = mapped.load(&gguf).unwrap();
-    let mut engine = HostEngine::new(
-        model,
-        HostOptions {
-            threads: 1,
-            n_ctx: N_CTX,
-            max_batch: 32,
-            max_tokens,
-            sampling: SamplerConfig::greedy(),
-            ignore_eos: false,
-            kernels: None,
-        },
-    )
-    .unwrap();
-    prompts
-        .iter()
-        .map(|prompt| engine.complete(prompt, &mut |_| {}).unwrap().tokens)
-        .collect()
+    common::with_greedy_host_engine(model_path, N_CTX, max_tokens, false, |engine| {
+        prompts
+            .iter()
+            .map(|prompt| engine.complete(prompt, &mut |_| {}).unwrap().tokens)
+            .collect()
+    })
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use aivmm::host_engine::{HostEngine, HostOptions, MappedModel};
+use aivmm::host_engine::MappedModel;
 use aivmm::inference::{plan_memory, Completion, GenerationRequest, InferencePartition, Prompt};
 use aivmm::isolation::{CgroupScope, IsolationConfig};
 use aivmm::partition::{self, PartitionConfig, PartitionError};
@@ -130,23 +130,9 @@ fn hugepage_mappings(bytes: u64) -> Vec<(u64, u64)> {
 }
 
 fn host_greedy(model_path: &Path, prompt: &[u32]) -> Vec<u32> {
-    let mapped = MappedModel::open(model_path).unwrap();
-    let gguf = mapped.parse().unwrap();
-    let model = mapped.load(&gguf).unwrap();
-    let mut engine = HostEngine::new(
-        model,
-        HostOptions {
-            threads: 1,
-            n_ctx: N_CTX,
-            max_batch: 32,
-            max_tokens: TOKENS,
-            sampling: SamplerConfig::greedy(),
-            ignore_eos: true,
-            kernels: None,
-        },
-    )
-    .unwrap();
-    engine.complete(prompt, &mut |_| {}).unwrap().tokens
+    common::with_greedy_host_engine(model_path, N_CTX, TOKENS, true, |engine| {
+        engine.complete(prompt, &mut |_| {}).unwrap().tokens
+    })
 }
 
 fn generate(partition: &mut InferencePartition, prompt: &[u32]) -> Completion {

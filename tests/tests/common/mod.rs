@@ -70,3 +70,31 @@ pub fn kvm_available(test: &str) -> bool {
     eprintln!("{test}: SKIPPED: /dev/kvm is missing (set CI=true to make this a failure)");
     false
 }
+
+/// Runs `f` with a one-thread greedy host engine on `model_path`: the
+/// reference the partition tests compare the guest's tokens with.
+pub fn with_greedy_host_engine<R>(
+    model_path: &Path,
+    n_ctx: usize,
+    max_tokens: usize,
+    ignore_eos: bool,
+    f: impl FnOnce(&mut aivmm::host_engine::HostEngine) -> R,
+) -> R {
+    let mapped = aivmm::host_engine::MappedModel::open(model_path).unwrap();
+    let gguf = mapped.parse().unwrap();
+    let model = mapped.load(&gguf).unwrap();
+    let mut engine = aivmm::host_engine::HostEngine::new(
+        model,
+        aivmm::host_engine::HostOptions {
+            threads: 1,
+            n_ctx,
+            max_batch: 32,
+            max_tokens,
+            sampling: aivmm_engine::sampling::SamplerConfig::greedy(),
+            ignore_eos,
+            kernels: None,
+        },
+    )
+    .unwrap();
+    f(&mut engine)
+}
