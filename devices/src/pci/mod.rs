@@ -6,7 +6,9 @@
 //!
 //! The bus carries the [`host_bridge::HostBridge`] at 00:00.0 and the
 //! functions added to it (passed-through devices; virtio-pci would fit too).
+//! [`conf1::Conf1`] is the legacy port-I/O path (0xCF8/0xCFC) to the same bus.
 
+pub mod conf1;
 pub mod host_bridge;
 
 use std::collections::BTreeMap;

@@ -97,7 +97,8 @@ pub fn create_guest_ram(memory_bytes: u64) -> Result<GuestMemoryMmap, E820Error>
 }
 
 /// The e820 map: conventional memory, a reserved strip for the MP table
-/// below 640 KiB, extended memory up to the hole, and RAM above 4 GiB.
+/// below 640 KiB, extended memory up to the hole, the PCI ECAM window
+/// (reserved) in the hole, and RAM above 4 GiB.
 pub fn memory_map(memory_bytes: u64) -> Result<Vec<E820Entry>, E820Error> {
     let ranges = ram_ranges(memory_bytes)?;
     let mut map = vec![
@@ -126,6 +127,13 @@ pub fn memory_map(memory_bytes: u64) -> Result<Vec<E820Entry>, E820Error> {
             kind: E820_RAM,
         });
     }
+    // Linux uses the ECAM window only if firmware reserved it.
+    map.push(E820Entry {
+        addr: crate::linux::pci::ECAM_BASE,
+        size: crate::linux::pci::ECAM_SIZE,
+        kind: E820_RESERVED,
+    });
+    map.sort_by_key(|entry| entry.addr);
     Ok(map)
 }
 
@@ -162,6 +170,11 @@ mod tests {
                     size: size - 0x100000,
                     kind: E820_RAM
                 },
+                E820Entry {
+                    addr: 0xe000_0000,
+                    size: 1 << 20,
+                    kind: E820_RESERVED
+                },
             ]
         );
         let total: u64 = map
@@ -189,6 +202,11 @@ mod tests {
             (last.addr, last.size, last.kind),
             (4 << 30, 1 << 30, E820_RAM)
         );
+        let ecam = map[map.len() - 2];
+        assert_eq!(
+            (ecam.addr, ecam.size, ecam.kind),
+            (0xe000_0000, 1 << 20, E820_RESERVED)
+        );
         let extended = map[3];
         assert_eq!(
             (extended.addr, extended.addr + extended.size),
@@ -197,8 +215,8 @@ mod tests {
         for entry in &map {
             let end = entry.addr + entry.size;
             assert!(
-                end <= MMIO_HOLE_START || entry.addr >= HIGH_RAM_START,
-                "{entry:?} overlaps the MMIO hole"
+                end <= MMIO_HOLE_START || entry.addr >= HIGH_RAM_START || entry.kind != E820_RAM,
+                "{entry:?}: RAM in the MMIO hole"
             );
         }
         // Exactly at the hole: no high range.

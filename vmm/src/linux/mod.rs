@@ -13,6 +13,7 @@ pub mod cmos;
 pub mod e820;
 pub mod loader;
 pub mod mptable;
+pub mod pci;
 pub mod pio;
 pub mod pvh;
 pub mod serial;
@@ -34,6 +35,7 @@ use boot_params::{BootParamsError, BootParamsInput, CMDLINE_ADDR, ZERO_PAGE_ADDR
 use e820::E820Error;
 use loader::{LoadedKernel, LoaderError};
 use mptable::MpTableError;
+use pci::{GuestPci, PciError};
 use pio::PortBus;
 use pvh::PvhError;
 use serial::{Capture, IrqLine, SerialConsole, SerialError};
@@ -96,6 +98,8 @@ pub enum LinuxError {
     Layout(#[from] LayoutError),
     #[error(transparent)]
     Serial(#[from] SerialError),
+    #[error(transparent)]
+    Pci(#[from] PciError),
     #[error("the command line contains a NUL byte")]
     CmdlineNul,
     #[error("--boot-protocol pvh: the kernel has no PVH entry note (a bzImage never has one; give the vmlinux)")]
@@ -266,7 +270,13 @@ impl LinuxVm {
             ..Default::default()
         }));
         let serial = SerialConsole::new(irq, config.console, capture.clone());
-        let shared = Arc::new(Shared::new(PortBus::new(serial), capture, config.vcpus));
+        let pci = GuestPci::new(aivmm_devices::pci::PciBus::new());
+        let shared = Arc::new(Shared::new(
+            PortBus::new(serial).with_pci(pci.conf1()),
+            pci.mmio_bus()?,
+            capture,
+            config.vcpus,
+        ));
 
         let supported = vm.supported_cpuid()?;
         let mut vcpus = Vec::new();

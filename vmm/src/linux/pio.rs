@@ -1,10 +1,12 @@
 //! Port I/O of a Linux guest that KVM does not handle in the kernel (the
 //! PIC, PIT and speaker port are in-kernel): COM1, the CMOS clock, the i8042
-//! reset line, and the probes of hardware this machine does not have, which
+//! reset line, PCI config mechanism #1 (0xCF8/0xCFC), and the probes of hardware this machine does not have, which
 //! read as all ones (an empty ISA bus) and ignore writes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use aivmm_devices::pci::conf1::Conf1;
 
 use super::cmos::Cmos;
 use super::serial::{SerialConsole, SerialError};
@@ -29,6 +31,8 @@ pub enum PioAction {
 pub struct PortBus {
     pub serial: Mutex<SerialConsole>,
     cmos: Mutex<Cmos>,
+    /// The PCI bus's conf1 ports, when the guest has one.
+    pci: Option<Conf1>,
     /// Accesses to ports no device answers (PCI config, floppy, VGA, ...).
     pub unhandled: AtomicU64,
 }
@@ -38,12 +42,32 @@ impl PortBus {
         PortBus {
             serial: Mutex::new(serial),
             cmos: Mutex::new(Cmos::default()),
+            pci: None,
             unhandled: AtomicU64::new(0),
         }
     }
 
+    /// Answers the conf1 ports with `conf1`.
+    pub fn with_pci(mut self, conf1: Conf1) -> Self {
+        self.pci = Some(conf1);
+        self
+    }
+
+    /// The conf1 ports, if `port` is one of them and there is a PCI bus.
+    fn pci_for(&self, port: u16) -> Option<&Conf1> {
+        self.pci.as_ref().filter(|_| Conf1::handles(port))
+    }
+
     /// An IN of `data.len()` bytes from `port`.
     pub fn read(&self, port: u16, data: &mut [u8]) {
+        if let Some(conf1) = self.pci_for(port) {
+            // A misaligned data-port access (a guest bug) reads all ones.
+            if conf1.read(port, data).is_err() {
+                self.unhandled.fetch_add(1, Ordering::Relaxed);
+                data.fill(0xff);
+            }
+            return;
+        }
         let value = if SerialConsole::handles(port) {
             self.serial
                 .lock()
@@ -67,6 +91,12 @@ impl PortBus {
 
     /// An OUT of `data` to `port`.
     pub fn write(&self, port: u16, data: &[u8]) -> Result<PioAction, SerialError> {
+        if let Some(conf1) = self.pci_for(port) {
+            if conf1.write(port, data).is_err() {
+                self.unhandled.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(PioAction::Continue);
+        }
         let Some(&value) = data.first() else {
             return Ok(PioAction::Continue);
         };
@@ -116,6 +146,21 @@ mod tests {
         let mut dword = [0u8; 4];
         bus.read(0xcfc, &mut dword);
         assert_eq!(dword, [0xff; 4], "no PCI: config reads are all ones");
+        assert_eq!(bus.unhandled.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn conf1_ports_reach_the_pci_bus() {
+        let (bus, _) = bus();
+        let pci = Arc::new(aivmm_devices::pci::PciBus::new());
+        let bus = bus.with_pci(Conf1::new(pci));
+        bus.write(0xcf8, &0x8000_0000u32.to_le_bytes()).unwrap();
+        let mut dword = [0u8; 4];
+        bus.read(0xcfc, &mut dword);
+        assert_eq!(u32::from_le_bytes(dword), 0x0008_1b36, "the host bridge");
+        let mut word = [0u8; 2];
+        bus.read(0xcfd, &mut word);
+        assert_eq!(word, [0xff; 2], "misaligned: all ones");
         assert_eq!(bus.unhandled.load(Ordering::Relaxed), 1);
     }
 }

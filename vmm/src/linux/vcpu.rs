@@ -1,5 +1,6 @@
 //! A Linux guest's vCPU threads: KVM_RUN and the exits a CPL0 kernel makes
-//! (port I/O to the legacy devices, MMIO to nothing, reset, shutdown), until
+//! (port I/O to the legacy devices, MMIO to PCI config space and BARs,
+//! reset, shutdown), until
 //! the guest ends or the VM is stopped.
 //!
 //! Stopping or sampling a vCPU from another thread: set `immediate_exit` in
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use aivmm_devices::bus::MmioBus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -72,6 +74,12 @@ pub enum LinuxEnd {
         vcpu: u32,
         error: String,
     },
+    /// The guest misused an emulated device (a guest bug).
+    Device {
+        vcpu: u32,
+        addr: u64,
+        error: String,
+    },
     /// The vCPU thread could not be pinned to its host CPU.
     Pin {
         vcpu: u32,
@@ -115,6 +123,9 @@ impl std::fmt::Display for LinuxEnd {
             }
             LinuxEnd::KvmRun { vcpu, error } => write!(f, "vCPU {vcpu}: KVM_RUN failed: {error}"),
             LinuxEnd::Serial { vcpu, error } => write!(f, "vCPU {vcpu}: serial console: {error}"),
+            LinuxEnd::Device { vcpu, addr, error } => {
+                write!(f, "vCPU {vcpu}: MMIO access at {addr:#x}: {error}")
+            }
             LinuxEnd::Pin { vcpu, cpu, error } => {
                 write!(
                     f,
@@ -230,6 +241,8 @@ pub struct VcpuShared {
 pub struct Shared {
     pub started: Instant,
     pub pio: PortBus,
+    /// PCI config space (ECAM) and the trapped parts of BARs.
+    pub mmio: MmioBus,
     pub console: Arc<Mutex<Capture>>,
     pub vcpus: Vec<VcpuShared>,
     stop: AtomicBool,
@@ -242,10 +255,11 @@ pub struct Shared {
 const MAX_SAMPLES: usize = 4096;
 
 impl Shared {
-    pub fn new(pio: PortBus, console: Arc<Mutex<Capture>>, vcpus: u32) -> Self {
+    pub fn new(pio: PortBus, mmio: MmioBus, console: Arc<Mutex<Capture>>, vcpus: u32) -> Self {
         Shared {
             started: Instant::now(),
             pio,
+            mmio,
             console,
             vcpus: (0..vcpus).map(|_| VcpuShared::default()).collect(),
             stop: AtomicBool::new(false),
@@ -359,15 +373,33 @@ fn run_loop(vcpu: &mut VcpuFd, index: u32, shared: &Shared, me: &VcpuShared) -> 
                     }),
                 }
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                // No MMIO devices: reads float high, as on an empty bus.
+            Ok(VcpuExit::MmioRead(addr, data)) => {
                 counters.mmio.fetch_add(1, Ordering::Relaxed);
-                data.fill(0xff);
-                None
+                match shared.mmio.find(addr) {
+                    Some((device, offset)) => device.read(index, offset, data).err(),
+                    None => {
+                        // Nothing there: reads float high, as on an empty bus.
+                        data.fill(0xff);
+                        None
+                    }
+                }
+                .map(|error| LinuxEnd::Device {
+                    vcpu: index,
+                    addr,
+                    error: error.to_string(),
+                })
             }
-            Ok(VcpuExit::MmioWrite(..)) => {
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
                 counters.mmio.fetch_add(1, Ordering::Relaxed);
-                None
+                shared
+                    .mmio
+                    .find(addr)
+                    .and_then(|(device, offset)| device.write(index, offset, data).err())
+                    .map(|error| LinuxEnd::Device {
+                        vcpu: index,
+                        addr,
+                        error: error.to_string(),
+                    })
             }
             Ok(VcpuExit::Hlt) => Some(LinuxEnd::Halted { vcpu: index }),
             Ok(VcpuExit::Shutdown) => Some(LinuxEnd::TripleFault { vcpu: index }),
