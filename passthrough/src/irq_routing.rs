@@ -8,9 +8,11 @@
 
 use std::collections::BTreeMap;
 
+use kvm_ioctls::VmFd;
+
 use kvm_bindings::{
-    kvm_irq_routing_entry, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 
 /// An MSI write: what the guest programmed for one vector.
@@ -32,6 +34,8 @@ pub enum Route {
 
 /// GSIs 0-23 are the IOAPIC pins; MSI vectors get GSIs above them.
 pub const FIRST_MSI_GSI: u32 = 24;
+/// The IOAPIC pin the PIT (ISA IRQ 0, GSI 0) is wired to.
+pub const PIT_IOAPIC_PIN: u32 = 2;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RoutingError {
@@ -39,6 +43,11 @@ pub enum RoutingError {
     OutOfGsis { wanted: usize, limit: u32 },
     #[error("vector {vector} is out of range: the device has {count} vectors")]
     NoSuchVector { vector: usize, count: usize },
+    #[error("KVM refused the GSI routing table ({entries} entries): {source}")]
+    Kvm {
+        entries: usize,
+        source: vmm_sys_util::errno::Error,
+    },
 }
 
 /// The VM-wide routing table and GSI allocator.
@@ -51,18 +60,22 @@ pub struct GsiRoutingTable {
 }
 
 impl GsiRoutingTable {
-    /// A table with the routes KVM sets up with its in-kernel irqchip (PIC
-    /// pins on GSIs 0-15, IOAPIC pins on 0-23): KVM_SET_GSI_ROUTING
-    /// replaces them, so they must stay in every table given to it.
+    /// A table with the in-kernel irqchip's routes (PIC pins on GSIs 0-15,
+    /// IOAPIC pins on 0-23), as on a PC: GSI 0, which KVM's PIT raises,
+    /// reaches IOAPIC pin 2 (KVM's own default is pin 0; the VMM installs
+    /// this table before the guest runs, so that ACPI's IRQ0 -> GSI 2
+    /// override holds). KVM_SET_GSI_ROUTING replaces the whole table, so
+    /// these routes stay in every table given to it.
     /// `limit` is the number of GSIs (KVM_CAP_IRQ_ROUTING's answer).
     pub fn with_irqchip(limit: u32) -> GsiRoutingTable {
         let mut routes = BTreeMap::new();
         for gsi in 0..FIRST_MSI_GSI {
+            let pin = if gsi == 0 { PIT_IOAPIC_PIN } else { gsi };
             routes.insert(
                 gsi,
                 Route::Irqchip {
                     chip: KVM_IRQCHIP_IOAPIC,
-                    pin: gsi,
+                    pin,
                 },
             );
         }
@@ -117,8 +130,20 @@ impl GsiRoutingTable {
         self.routes.get(&gsi).copied()
     }
 
+    /// Gives KVM the whole table (KVM_SET_GSI_ROUTING).
+    pub fn install(&self, vm: &VmFd) -> Result<(), RoutingError> {
+        let entries = self.kvm_entries();
+        let error = |source| RoutingError::Kvm {
+            entries: entries.len(),
+            source,
+        };
+        let routing = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| error(vmm_sys_util::errno::Error::new(libc::E2BIG)))?;
+        vm.set_gsi_routing(&routing).map_err(error)
+    }
+
     /// The table as KVM_SET_GSI_ROUTING takes it. The IOAPIC routes of GSIs
-    /// 0-15 are doubled with the PIC's, as KVM's default table has them.
+    /// 0-15 are doubled with PIC pin GSI % 8, as KVM's default table has them.
     pub fn kvm_entries(&self) -> Vec<kvm_irq_routing_entry> {
         let mut entries = Vec::new();
         for (&gsi, route) in &self.routes {
@@ -357,5 +382,16 @@ mod tests {
             .map(|e| e.gsi)
             .collect();
         assert_eq!(pic_slave, (8..16).collect::<Vec<_>>());
+        // The PIT's GSI 0: IOAPIC pin 2 and PIC master pin 0.
+        let gsi0: Vec<(u32, u32)> = entries
+            .iter()
+            .filter(|e| e.gsi == 0)
+            // SAFETY: GSI 0's entries are irqchip entries.
+            .map(|e| unsafe { (e.u.irqchip.irqchip, e.u.irqchip.pin) })
+            .collect();
+        assert_eq!(
+            gsi0,
+            vec![(KVM_IRQCHIP_PIC_MASTER, 0), (KVM_IRQCHIP_IOAPIC, 2)]
+        );
     }
 }

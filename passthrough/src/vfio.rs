@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, KvmIrqRouting};
+use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
@@ -26,7 +26,7 @@ use crate::bar::BAR_COUNT;
 use crate::bar_trap::DeviceRegion;
 use crate::bdf::Bdf;
 use crate::config_space::DeviceConfig;
-use crate::irq_routing::{GsiRoutingTable, IrqfdChange};
+use crate::irq_routing::{GsiRoutingTable, IrqfdChange, RoutingError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VfioSetupError {
@@ -64,11 +64,8 @@ pub enum VfioSetupError {
         gsi: u32,
         source: kvm_ioctls::Error,
     },
-    #[error("KVM refused the GSI routing table ({entries} entries): {source}")]
-    Routing {
-        entries: usize,
-        source: vmm_sys_util::errno::Error,
-    },
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
 }
 
 /// One guest RAM region as the IOMMU maps it: device address = guest
@@ -328,17 +325,7 @@ impl VfioPassthrough {
         for change in changes {
             table.apply(change);
         }
-        let entries = table.kvm_entries();
-        let routing =
-            KvmIrqRouting::from_entries(&entries).map_err(|_| VfioSetupError::Routing {
-                entries: entries.len(),
-                source: vmm_sys_util::errno::Error::new(libc::E2BIG),
-            })?;
-        vm.set_gsi_routing(&routing)
-            .map_err(|source| VfioSetupError::Routing {
-                entries: entries.len(),
-                source,
-            })?;
+        table.install(vm)?;
         for change in changes {
             let (vector, gsi, attach) = match *change {
                 IrqfdChange::Attach { vector, gsi, .. } => (vector, gsi, true),

@@ -62,6 +62,8 @@ pub struct BootParamsInput<'a> {
     /// Guest address and size of the initrd.
     pub initrd: Option<(u64, u64)>,
     pub e820: &'a [E820Entry],
+    /// Guest address of the ACPI RSDP (0: none; the kernel then scans the BIOS area).
+    pub acpi_rsdp: u64,
 }
 
 /// The longest command line (with its NUL) `header` accepts.
@@ -120,6 +122,7 @@ pub fn build(input: &BootParamsInput<'_>) -> Result<ZeroPage, BootParamsError> {
         };
     }
     params.e820_entries = input.e820.len() as u8;
+    params.acpi_rsdp_addr = input.acpi_rsdp;
     Ok(ZeroPage(params))
 }
 
@@ -203,9 +206,11 @@ mod tests {
             cmdline_len: cmdline.len(),
             initrd: Some(initrd),
             e820: &map,
+            acpi_rsdp: 0xe_0000,
         })
         .unwrap();
         write(&memory, &page, cmdline).unwrap();
+        assert_eq!(read::<u64>(&memory, 0x070), 0xe_0000, "acpi_rsdp_addr");
 
         assert_eq!(read::<u16>(&memory, 0x1fe), BOOT_FLAG);
         assert_eq!(read::<u32>(&memory, 0x202), HDRS_MAGIC);
@@ -246,6 +251,7 @@ mod tests {
             cmdline_len,
             initrd,
             e820: &[],
+            acpi_rsdp: 0,
         };
         let page = build(&input(15, None)).unwrap();
         let hdr = page.0.hdr;
@@ -275,7 +281,8 @@ mod tests {
                 header: None,
                 cmdline_len: 0,
                 initrd: None,
-                e820: &too_many
+                e820: &too_many,
+                acpi_rsdp: 0,
             }),
             Err(BootParamsError::TooManyE820 {
                 entries: 129,

@@ -96,8 +96,8 @@ pub fn create_guest_ram(memory_bytes: u64) -> Result<GuestMemoryMmap, E820Error>
     })
 }
 
-/// The e820 map: conventional memory, a reserved strip for the MP table
-/// below 640 KiB, extended memory up to the hole, the PCI ECAM window
+/// The e820 map: conventional memory, a reserved strip below 640 KiB, the
+/// BIOS area with the ACPI and MP tables, extended memory up to the hole, the PCI ECAM window
 /// (reserved) in the hole, and RAM above 4 GiB.
 pub fn memory_map(memory_bytes: u64) -> Result<Vec<E820Entry>, E820Error> {
     let ranges = ram_ranges(memory_bytes)?;
@@ -112,9 +112,10 @@ pub fn memory_map(memory_bytes: u64) -> Result<Vec<E820Entry>, E820Error> {
             size: 0xa_0000 - LOW_RAM_END,
             kind: E820_RESERVED,
         },
+        // The ACPI tables, then the MP table, up to 1 MiB.
         E820Entry {
-            addr: crate::linux::mptable::MPTABLE_ADDR,
-            size: HIMEM_START - crate::linux::mptable::MPTABLE_ADDR,
+            addr: crate::linux::acpi::ACPI_START,
+            size: HIMEM_START - crate::linux::acpi::ACPI_START,
             kind: E820_RESERVED,
         },
     ];
@@ -161,8 +162,8 @@ mod tests {
                     kind: E820_RESERVED
                 },
                 E820Entry {
-                    addr: 0xf0000,
-                    size: 0x10000,
+                    addr: 0xe0000,
+                    size: 0x20000,
                     kind: E820_RESERVED
                 },
                 E820Entry {

@@ -1,11 +1,13 @@
 //! Linux guests: a real Linux kernel (vmlinux ELF or bzImage, optional
 //! initrd) booted with the x86 boot protocol on KVM's in-kernel irqchip and
-//! PIT, with an MP table for its vCPUs and a 16550 serial console.
+//! PIT, with ACPI tables (and an MP table for kernels without ACPI) for its
+//! vCPUs and PCI bus, and a 16550 serial console.
 //!
 //! Unlike the inference partitions, a Linux kernel runs at CPL0, so on PVM
 //! hosts (see shared/design/kvm-on-these-machines.md) KVM emulates each of
 //! its instructions: it boots, but slowly.
 
+pub mod acpi;
 pub mod boot_cpu;
 pub mod boot_params;
 pub mod cli;
@@ -30,6 +32,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::vstate::layout::{write_descriptor_tables, LayoutError};
 use crate::vstate::vm::{Vm, VmError};
+use acpi::AcpiError;
+use aivmm_passthrough::irq_routing::{GsiRoutingTable, RoutingError};
 use boot_cpu::{BootCpuError, Entry};
 use boot_params::{BootParamsError, BootParamsInput, CMDLINE_ADDR, ZERO_PAGE_ADDR};
 use e820::E820Error;
@@ -100,6 +104,10 @@ pub enum LinuxError {
     Serial(#[from] SerialError),
     #[error(transparent)]
     Pci(#[from] PciError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error("cannot route the legacy interrupts: {0}")]
+    Routing(#[from] RoutingError),
     #[error("the command line contains a NUL byte")]
     CmdlineNul,
     #[error("--boot-protocol pvh: the kernel has no PVH entry note (a bzImage never has one; give the vmlinux)")]
@@ -158,6 +166,7 @@ pub fn prepare_memory(
     }
     let ram_end = e820::low_ram_end(config.memory_bytes);
     let map = e820::memory_map(config.memory_bytes)?;
+    let rsdp = acpi::write(memory, config.vcpus)?;
     let kernel = loader::load_kernel(memory, &config.kernel, ram_end)?;
     let initrd = config
         .initrd
@@ -169,11 +178,12 @@ pub fn prepare_memory(
         cmdline_len: config.cmdline.len(),
         initrd,
         e820: &map,
+        acpi_rsdp: rsdp,
     })?;
     boot_params::write(memory, &page, &config.cmdline)?;
     let entry = match (config.protocol, kernel.pvh_entry) {
         (BootProtocol::Auto | BootProtocol::Pvh, Some(rip)) => {
-            pvh::write(memory, CMDLINE_ADDR, initrd, &map)?;
+            pvh::write(memory, CMDLINE_ADDR, rsdp, initrd, &map)?;
             Entry::Pvh {
                 rip,
                 start_info: pvh::START_INFO_ADDR,
@@ -253,6 +263,11 @@ impl LinuxVm {
         vm.fd().create_irq_chip().map_err(kvm(
             "create the in-kernel irqchip (PIC, IOAPIC, local APICs)",
         ))?;
+        // The PC's legacy routes (the PIT on IOAPIC pin 2), which ACPI and
+        // the MP table describe.
+        let gsis = vm.fd().check_extension_int(kvm_ioctls::Cap::IrqRouting);
+        let routing = GsiRoutingTable::with_irqchip(u32::try_from(gsis).unwrap_or(0));
+        routing.install(vm.fd())?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()

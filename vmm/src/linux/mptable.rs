@@ -12,6 +12,8 @@ pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// The ISA IRQs routed to IOAPIC pins of the same number.
 pub const ISA_IRQS: u8 = 16;
+/// The IOAPIC pin the PIT (ISA IRQ 0) is wired to, as on PCs.
+pub const PIT_IOAPIC_PIN: u8 = 2;
 /// APIC IDs are 8 bits and the IOAPIC takes the one after the last vCPU.
 pub const MAX_VCPUS: u32 = 254;
 
@@ -78,7 +80,10 @@ pub fn build(vcpus: u32) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
     for irq in 0..ISA_IRQS {
-        // Conforming polarity and trigger, bus 0 IRQ n -> IOAPIC pin n.
+        // Conforming polarity and trigger, bus 0 IRQ n -> IOAPIC pin n,
+        // except the PIT's IRQ 0 on pin 2 (ACPI's override says the same,
+        // and the VM's GSI routing delivers it there).
+        let pin = if irq == 0 { PIT_IOAPIC_PIN } else { irq };
         entries.extend_from_slice(&[
             entry::IO_INTERRUPT,
             interrupt::INT,
@@ -87,7 +92,7 @@ pub fn build(vcpus: u32) -> Result<Vec<u8>, MpTableError> {
             0,
             irq,
             ioapic_id,
-            irq,
+            pin,
         ]);
         count += 1;
     }
@@ -171,6 +176,7 @@ mod tests {
             assert_eq!(count, vcpus + 1 + 1 + ISA_IRQS as u32 + 2);
             // Walk the entries as Linux's MP parser does.
             let (mut offset, mut processors, mut bsp) = (HEADER_LEN, 0, 0);
+            let mut pins = Vec::new();
             for _ in 0..count {
                 let kind = config[offset];
                 if kind == entry::PROCESSOR {
@@ -180,11 +186,19 @@ mod tests {
                     offset += PROCESSOR_LEN;
                 } else {
                     assert!(kind <= entry::LOCAL_INTERRUPT, "entry type {kind}");
+                    if kind == entry::IO_INTERRUPT {
+                        // Source IRQ -> destination pin.
+                        pins.push((config[offset + 5], config[offset + 7]));
+                    }
                     offset += ENTRY_LEN;
                 }
             }
             assert_eq!(offset, config.len());
             assert_eq!((processors, bsp), (vcpus, 1));
+            let expected: Vec<(u8, u8)> = (0..ISA_IRQS)
+                .map(|irq| (irq, if irq == 0 { 2 } else { irq }))
+                .collect();
+            assert_eq!(pins, expected, "ISA IRQs, the PIT's on pin 2");
             assert!(MPTABLE_ADDR + table.len() as u64 <= 0x10_0000);
         }
         assert!(matches!(build(0), Err(MpTableError::VcpuCount { .. })));

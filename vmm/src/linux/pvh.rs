@@ -29,6 +29,7 @@ pub enum PvhError {
 /// The start info page's bytes, for a command line at `cmdline_addr`.
 pub fn build(
     cmdline_addr: u64,
+    rsdp: u64,
     initrd: Option<(u64, u64)>,
     e820: &[E820Entry],
 ) -> Result<Vec<u8>, PvhError> {
@@ -45,7 +46,7 @@ pub fn build(
     page.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes()); // nr_modules
     page.extend_from_slice(&MODLIST_ADDR.to_le_bytes());
     page.extend_from_slice(&cmdline_addr.to_le_bytes());
-    page.extend_from_slice(&0u64.to_le_bytes()); // rsdp_paddr: no ACPI
+    page.extend_from_slice(&rsdp.to_le_bytes()); // rsdp_paddr (0: none)
     page.extend_from_slice(&MEMMAP_ADDR.to_le_bytes());
     page.extend_from_slice(&(e820.len() as u32).to_le_bytes());
     page.extend_from_slice(&0u32.to_le_bytes());
@@ -66,10 +67,11 @@ pub fn build(
 pub fn write(
     memory: &GuestMemoryMmap,
     cmdline_addr: u64,
+    rsdp: u64,
     initrd: Option<(u64, u64)>,
     e820: &[E820Entry],
 ) -> Result<(), PvhError> {
-    let page = build(cmdline_addr, initrd, e820)?;
+    let page = build(cmdline_addr, rsdp, initrd, e820)?;
     memory
         .write_slice(&page, GuestAddress(START_INFO_ADDR))
         .map_err(PvhError::GuestMemory)
@@ -89,13 +91,14 @@ mod tests {
         assert_eq!(size_of::<hvm_modlist_entry>() as u64, MODULE_LEN);
         assert_eq!(size_of::<hvm_memmap_table_entry>() as u64, MEMMAP_ENTRY_LEN);
         let e820 = crate::linux::e820::memory_map(5 << 30).unwrap();
-        let page = build(0x20000, Some((0x400_0000, 0x1000)), &e820).unwrap();
+        let page = build(0x20000, 0xe_0000, Some((0x400_0000, 0x1000)), &e820).unwrap();
         let u32_at = |o: usize| u32::from_le_bytes(page[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(page[o..o + 8].try_into().unwrap());
         assert_eq!(u32_at(offset_of!(hvm_start_info, magic)), START_INFO_MAGIC);
         assert_eq!(u32_at(offset_of!(hvm_start_info, version)), 1);
         assert_eq!(u32_at(offset_of!(hvm_start_info, nr_modules)), 1);
         assert_eq!(u64_at(offset_of!(hvm_start_info, cmdline_paddr)), 0x20000);
+        assert_eq!(u64_at(offset_of!(hvm_start_info, rsdp_paddr)), 0xe_0000);
         let modlist =
             (u64_at(offset_of!(hvm_start_info, modlist_paddr)) - START_INFO_ADDR) as usize;
         assert_eq!(
@@ -130,6 +133,6 @@ mod tests {
             page.len() as u64,
             MEMMAP_ADDR - START_INFO_ADDR + e820.len() as u64 * MEMMAP_ENTRY_LEN
         );
-        assert!(build(0, None, &vec![e820[0]; MAX_MEMMAP_ENTRIES + 1]).is_err());
+        assert!(build(0, 0, None, &vec![e820[0]; MAX_MEMMAP_ENTRIES + 1]).is_err());
     }
 }
