@@ -59,6 +59,11 @@ impl<R: DeviceRegion> TrappedBar<R> {
         }
     }
 
+    /// The BAR register index this is.
+    pub fn bar(&self) -> u8 {
+        self.bar
+    }
+
     /// The vectors written since the last call: recompute their routes
     /// (`DeviceVectors::update(v, table.route(v))`).
     pub fn take_written_vectors(&self) -> Vec<u16> {

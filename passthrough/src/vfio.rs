@@ -57,6 +57,12 @@ pub enum VfioSetupError {
         vectors: usize,
         source: VfioError,
     },
+    #[error("{bdf}: setting MSI to {vectors} vectors failed: {source}")]
+    EnableMsi {
+        bdf: Bdf,
+        vectors: usize,
+        source: VfioError,
+    },
     #[error("KVM refused the interrupt routing of {bdf}'s vector {vector} (GSI {gsi}): {source}")]
     Irqfd {
         bdf: Bdf,
@@ -309,6 +315,28 @@ impl VfioPassthrough {
             .map_err(|source| VfioSetupError::EnableMsix {
                 bdf: self.bdf,
                 vectors: eventfds.len(),
+                source,
+            })
+    }
+
+    /// Hands the device one eventfd per MSI vector (multiple-message MSI).
+    pub fn enable_msi(&self, eventfds: &[EventFd]) -> Result<(), VfioSetupError> {
+        self.device
+            .enable_msi(eventfds.iter().collect())
+            .map_err(|source| VfioSetupError::EnableMsi {
+                bdf: self.bdf,
+                vectors: eventfds.len(),
+                source,
+            })
+    }
+
+    /// Takes MSI away from the device again (the guest disabled it).
+    pub fn disable_msi(&self) -> Result<(), VfioSetupError> {
+        self.device
+            .disable_msi()
+            .map_err(|source| VfioSetupError::EnableMsi {
+                bdf: self.bdf,
+                vectors: 0,
                 source,
             })
     }

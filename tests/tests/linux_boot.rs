@@ -81,6 +81,7 @@ fn config(kernel: &Path, memory_bytes: u64) -> LinuxConfig {
         protocol: BootProtocol::Auto,
         console: None,
         console_capture_limit: 1 << 20,
+        devices: Vec::new(),
     }
 }
 
@@ -560,4 +561,68 @@ fn a_second_vcpu_waits_for_the_kernel_and_stops_with_the_vm() {
         "vCPU 1 is still in its reset state (real mode)"
     );
     assert_eq!(outcome.exits[1].io_in + outcome.exits[1].io_out, 0);
+}
+
+/// `aivmm run --kernel K --device BDF` with a real device of this machine:
+/// the device preflight refuses it before anything boots, naming the device
+/// and what the host must change (these machines have no IOMMU).
+#[test]
+fn device_passthrough_is_refused_before_boot_without_an_iommu() {
+    let test = "device_passthrough_is_refused_before_boot_without_an_iommu";
+    if !common::kvm_available(test) {
+        return;
+    }
+    let Some(kernel) = kernel(test) else {
+        return;
+    };
+    let mut devices: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
+        .map(|dir| {
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    devices.sort();
+    let Some(bdf) = devices.first() else {
+        eprintln!("{test}: SKIPPED: this machine has no PCI devices");
+        return;
+    };
+    let iommu_on = std::fs::read_dir("/sys/kernel/iommu_groups")
+        .map(|mut groups| groups.next().is_some())
+        .unwrap_or(false);
+    let log = std::env::temp_dir().join(format!("aivmm-device-console-{}", std::process::id()));
+    let args = <aivmm::run::RunArgs as clap::Parser>::try_parse_from([
+        "run",
+        "--kernel",
+        kernel.vmlinux.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--device",
+        bdf,
+        "--console-log",
+        log.to_str().unwrap(),
+        "--timeout",
+        "5",
+    ])
+    .unwrap();
+    let started = std::time::Instant::now();
+    let error = aivmm::run::cmd_run(args)
+        .expect_err("a device on a host without VFIO must be refused")
+        .to_string();
+    eprintln!(
+        "{test}: --device {bdf} refused in {:?}: {error}",
+        started.elapsed()
+    );
+    assert!(error.starts_with(&format!("--device {bdf}: ")), "{error}");
+    if iommu_on {
+        // A host with an IOMMU: the device is not bound to vfio-pci here.
+        assert!(error.contains("vfio"), "{error}");
+    } else {
+        assert!(error.contains("the IOMMU is not enabled"), "{error}");
+        assert!(error.contains("intel_iommu=on"), "{error}");
+    }
+    // Nothing booted: the console log is empty.
+    let console = std::fs::read(&log).unwrap_or_default();
+    assert!(console.is_empty(), "{}", String::from_utf8_lossy(&console));
+    let _ = std::fs::remove_file(&log);
 }

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use aivmm_passthrough::bdf::Bdf;
 use clap::{Args, ValueEnum};
 
 use super::{BootProtocol, LinuxConfig, LinuxEnd, LinuxError, LinuxOutcome, LinuxVm};
@@ -46,6 +47,25 @@ pub struct LinuxArgs {
     /// powers off or reboots).
     #[arg(long, requires = "kernel")]
     pub timeout: Option<u64>,
+    /// Pass this host PCI device (DDDD:BB:DD.F, bound to vfio-pci) through
+    /// to the guest; repeatable. The host needs an IOMMU: each device is
+    /// checked first, and what the host lacks is said before anything boots.
+    #[arg(long = "device", value_name = "BDF", requires = "kernel")]
+    pub devices: Vec<Bdf>,
+}
+
+/// The command line for `args`: with --device and no --cmdline, the default
+/// without `pci=off` (the guest must probe PCI to find the devices).
+pub fn cmdline_for(args: &LinuxArgs) -> String {
+    if !args.devices.is_empty() && args.cmdline == super::DEFAULT_CMDLINE {
+        args.cmdline
+            .split_whitespace()
+            .filter(|word| *word != "pci=off")
+            .collect::<Vec<_>>()
+            .join(" ")
+    } else {
+        args.cmdline.clone()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +99,11 @@ pub fn run(
             })?),
             None => Box::new(std::io::stdout()),
         };
+    let cmdline = cmdline_for(args);
     let config = LinuxConfig {
         kernel,
         initrd: args.initrd.clone(),
-        cmdline: args.cmdline.clone(),
+        cmdline: cmdline.clone(),
         vcpus,
         memory_bytes,
         host_cpus,
@@ -93,9 +114,13 @@ pub fn run(
         },
         console: Some(console),
         console_capture_limit: 0,
+        devices: args.devices.clone(),
     };
     let vm = LinuxVm::start(config)?;
-    if vm.cmdline != args.cmdline {
+    for line in &vm.devices {
+        eprintln!("[device {line}]");
+    }
+    if vm.cmdline != cmdline {
         eprintln!(
             "[this host's KVM emulates guest kernel code (PVM): the command line is {:?}]",
             vm.cmdline
@@ -181,6 +206,35 @@ mod tests {
         assert!(matches!(args.linux.boot_protocol, ProtocolArg::Linux64));
         let defaults = RunArgs::try_parse_from(["run", "--kernel", "vmlinux"]).unwrap();
         assert_eq!(defaults.linux.cmdline, crate::linux::DEFAULT_CMDLINE);
+        assert!(defaults.linux.devices.is_empty());
+        assert_eq!(cmdline_for(&defaults.linux), crate::linux::DEFAULT_CMDLINE);
+
+        let with_devices = RunArgs::try_parse_from([
+            "run",
+            "--kernel",
+            "vmlinux",
+            "--device",
+            "0000:3b:00.0",
+            "--device",
+            "0000:5e:00.1",
+        ])
+        .unwrap();
+        assert_eq!(
+            with_devices
+                .linux
+                .devices
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            vec!["0000:3b:00.0", "0000:5e:00.1"]
+        );
+        let line = cmdline_for(&with_devices.linux);
+        assert!(
+            !line.contains("pci=off") && line.starts_with("console=ttyS0"),
+            "{line}"
+        );
+        assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--device", "3b:00"]).is_err());
+        assert!(RunArgs::try_parse_from(["run", "--device", "0000:3b:00.0"]).is_err());
         assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--prompt", "hi"]).is_err());
         assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--model", "m.gguf"]).is_err());
         assert!(RunArgs::try_parse_from(["run", "--initrd", "initrd.img"]).is_err());

@@ -15,6 +15,7 @@ pub mod cmos;
 pub mod e820;
 pub mod loader;
 pub mod mptable;
+pub mod passthrough;
 pub mod pci;
 pub mod pio;
 pub mod pvh;
@@ -33,13 +34,16 @@ use vm_memory::GuestMemoryMmap;
 use crate::vstate::layout::{write_descriptor_tables, LayoutError};
 use crate::vstate::vm::{Vm, VmError};
 use acpi::AcpiError;
+use aivmm_passthrough::bdf::Bdf;
 use aivmm_passthrough::irq_routing::{GsiRoutingTable, RoutingError};
+use aivmm_passthrough::preflight::{PreflightError, ProcessLimits};
 use boot_cpu::{BootCpuError, Entry};
 use boot_params::{BootParamsError, BootParamsInput, CMDLINE_ADDR, ZERO_PAGE_ADDR};
 use e820::E820Error;
 use loader::{LoadedKernel, LoaderError};
 use mptable::MpTableError;
-use pci::{GuestPci, PciError};
+use passthrough::{Passthrough, PassthroughError};
+use pci::{BarTraps, GuestPci, PciError};
 use pio::PortBus;
 use pvh::PvhError;
 use serial::{Capture, IrqLine, SerialConsole, SerialError};
@@ -108,6 +112,12 @@ pub enum LinuxError {
     Acpi(#[from] AcpiError),
     #[error("cannot route the legacy interrupts: {0}")]
     Routing(#[from] RoutingError),
+    #[error(transparent)]
+    Passthrough(#[from] PassthroughError),
+    #[error("cannot check the limits for passed-through devices: {0}")]
+    Limits(#[source] PreflightError),
+    #[error("--device needs PCI in the guest, but the command line has pci=off: remove it from --cmdline")]
+    PciOff,
     #[error("the command line contains a NUL byte")]
     CmdlineNul,
     #[error("--boot-protocol pvh: the kernel has no PVH entry note (a bzImage never has one; give the vmlinux)")]
@@ -144,6 +154,8 @@ pub struct LinuxConfig {
     pub console: Option<Box<dyn Write + Send>>,
     /// Bytes of serial output kept for [`LinuxVm::console`].
     pub console_capture_limit: usize,
+    /// Host PCI devices to pass through (VFIO).
+    pub devices: Vec<Bdf>,
 }
 
 /// What was put where before the first KVM_RUN.
@@ -215,8 +227,11 @@ pub struct LinuxVm {
     pub cmdline: String,
     /// Set-up time before the first KVM_RUN.
     pub setup: Duration,
+    /// What the host said about each passed-through device, and where its
+    /// BARs are.
+    pub devices: Vec<String>,
     // Kept alive while the vCPUs run: the VM (memslots) and guest RAM.
-    _vm: Vm,
+    _vm: Arc<Vm>,
     _memory: GuestMemoryMmap,
 }
 
@@ -252,6 +267,38 @@ impl LinuxVm {
                 max: mptable::MAX_VCPUS,
             });
         }
+        let mut devices = Vec::new();
+        if !config.devices.is_empty() {
+            if config
+                .cmdline
+                .split_whitespace()
+                .any(|word| word == "pci=off")
+            {
+                return Err(LinuxError::PciOff);
+            }
+            let node = config
+                .host_cpus
+                .as_deref()
+                .and_then(|cpus| passthrough::node_of_cpus(std::path::Path::new("/"), cpus));
+            let limits = ProcessLimits::current().map_err(LinuxError::Limits)?;
+            let reports = passthrough::preflight(
+                std::path::Path::new("/"),
+                &config.devices,
+                config.memory_bytes,
+                node,
+                limits,
+            )?;
+            for report in reports {
+                devices.push(format!(
+                    "{}: IOMMU group {} ({}), NUMA node {}",
+                    report.bdf,
+                    report.iommu_group,
+                    report.group_devices.join(" "),
+                    report.device_node.map_or("-".into(), |n| n.to_string())
+                ));
+                devices.extend(report.advice.iter().map(|a| format!("{}: {a}", report.bdf)));
+            }
+        }
         let memory = e820::create_guest_ram(config.memory_bytes)?;
         let layout = prepare_memory(&memory, &config)?;
 
@@ -285,13 +332,37 @@ impl LinuxVm {
             ..Default::default()
         }));
         let serial = SerialConsole::new(irq, config.console, capture.clone());
-        let pci = GuestPci::new(aivmm_devices::pci::PciBus::new());
-        let shared = Arc::new(Shared::new(
+        let vm = Arc::new(vm);
+        let mut bus = aivmm_devices::pci::PciBus::new();
+        let traps = Arc::new(BarTraps::default());
+        let passthrough = if config.devices.is_empty() {
+            None
+        } else {
+            let attached = Passthrough::attach(
+                vm.clone(),
+                &memory,
+                &mut bus,
+                traps.clone(),
+                routing,
+                &config.devices,
+            )?;
+            devices.extend(attached.describe());
+            Some(attached)
+        };
+        let pci = GuestPci {
+            bus: Arc::new(bus),
+            traps,
+        };
+        let mut shared = Shared::new(
             PortBus::new(serial).with_pci(pci.conf1()),
             pci.mmio_bus()?,
             capture,
             config.vcpus,
-        ));
+        );
+        if let Some(passthrough) = passthrough {
+            shared = shared.with_passthrough(passthrough);
+        }
+        let shared = Arc::new(shared);
 
         let supported = vm.supported_cpuid()?;
         let mut vcpus = Vec::new();
@@ -348,6 +419,7 @@ impl LinuxVm {
             layout,
             cmdline: config.cmdline,
             setup,
+            devices,
             _vm: vm,
             _memory: memory,
         })

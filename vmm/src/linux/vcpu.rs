@@ -16,6 +16,7 @@ use aivmm_devices::bus::MmioBus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use super::passthrough::Passthrough;
 use super::pio::{PioAction, PortBus};
 use super::serial::Capture;
 
@@ -80,6 +81,11 @@ pub enum LinuxEnd {
         addr: u64,
         error: String,
     },
+    /// Acting on the guest's programming of a passed-through device failed.
+    Passthrough {
+        vcpu: u32,
+        error: String,
+    },
     /// The vCPU thread could not be pinned to its host CPU.
     Pin {
         vcpu: u32,
@@ -123,6 +129,9 @@ impl std::fmt::Display for LinuxEnd {
             }
             LinuxEnd::KvmRun { vcpu, error } => write!(f, "vCPU {vcpu}: KVM_RUN failed: {error}"),
             LinuxEnd::Serial { vcpu, error } => write!(f, "vCPU {vcpu}: serial console: {error}"),
+            LinuxEnd::Passthrough { vcpu, error } => {
+                write!(f, "vCPU {vcpu}: passed-through device: {error}")
+            }
             LinuxEnd::Device { vcpu, addr, error } => {
                 write!(f, "vCPU {vcpu}: MMIO access at {addr:#x}: {error}")
             }
@@ -243,6 +252,8 @@ pub struct Shared {
     pub pio: PortBus,
     /// PCI config space (ECAM) and the trapped parts of BARs.
     pub mmio: MmioBus,
+    /// Host devices passed through, if any.
+    pub passthrough: Option<Passthrough>,
     pub console: Arc<Mutex<Capture>>,
     pub vcpus: Vec<VcpuShared>,
     stop: AtomicBool,
@@ -260,12 +271,28 @@ impl Shared {
             started: Instant::now(),
             pio,
             mmio,
+            passthrough: None,
             console,
             vcpus: (0..vcpus).map(|_| VcpuShared::default()).collect(),
             stop: AtomicBool::new(false),
             end: Mutex::new(None),
             ended: Condvar::new(),
         }
+    }
+
+    pub fn with_passthrough(mut self, passthrough: Passthrough) -> Self {
+        self.passthrough = Some(passthrough);
+        self
+    }
+
+    /// After a guest write: what it changed in passed-through devices
+    /// (BAR moves, interrupt routes) takes effect before the vCPU resumes.
+    fn after_write(&self, vcpu: u32) -> Option<LinuxEnd> {
+        let error = self.passthrough.as_ref()?.after_write().err()?;
+        Some(LinuxEnd::Passthrough {
+            vcpu,
+            error: error.to_string(),
+        })
     }
 
     /// Records how the guest ended (the first reason wins) and stops every vCPU.
@@ -365,7 +392,7 @@ fn run_loop(vcpu: &mut VcpuFd, index: u32, shared: &Shared, me: &VcpuShared) -> 
             Ok(VcpuExit::IoOut(port, data)) => {
                 counters.io_out.fetch_add(1, Ordering::Relaxed);
                 match shared.pio.write(port, data) {
-                    Ok(PioAction::Continue) => None,
+                    Ok(PioAction::Continue) => shared.after_write(index),
                     Ok(PioAction::Reset) => Some(LinuxEnd::Reset),
                     Err(error) => Some(LinuxEnd::Serial {
                         vcpu: index,
@@ -400,6 +427,7 @@ fn run_loop(vcpu: &mut VcpuFd, index: u32, shared: &Shared, me: &VcpuShared) -> 
                         addr,
                         error: error.to_string(),
                     })
+                    .or_else(|| shared.after_write(index))
             }
             Ok(VcpuExit::Hlt) => Some(LinuxEnd::Halted { vcpu: index }),
             Ok(VcpuExit::Shutdown) => Some(LinuxEnd::TripleFault { vcpu: index }),
