@@ -61,15 +61,17 @@ pub struct GsiRoutingTable {
 
 impl GsiRoutingTable {
     /// A table with the in-kernel irqchip's routes (PIC pins on GSIs 0-15,
-    /// IOAPIC pins on 0-23), as on a PC: GSI 0, which KVM's PIT raises,
-    /// reaches IOAPIC pin 2 (KVM's own default is pin 0; the VMM installs
-    /// this table before the guest runs, so that ACPI's IRQ0 -> GSI 2
-    /// override holds). KVM_SET_GSI_ROUTING replaces the whole table, so
+    /// IOAPIC pins on 0-23), as on a PC (and as QEMU routes it): GSI 0,
+    /// which KVM's PIT raises, reaches IOAPIC pin 2, and GSI 2 (the PIC
+    /// cascade) has no route, so that pin 2 maps back to GSI 0 alone and
+    /// the PIT's interrupt acknowledgements reach it. KVM's own default is
+    /// pin 0; the VMM installs this table before the guest runs, so that
+    /// ACPI's IRQ0 -> GSI 2 override holds. KVM_SET_GSI_ROUTING replaces the whole table, so
     /// these routes stay in every table given to it.
     /// `limit` is the number of GSIs (KVM_CAP_IRQ_ROUTING's answer).
     pub fn with_irqchip(limit: u32) -> GsiRoutingTable {
         let mut routes = BTreeMap::new();
-        for gsi in 0..FIRST_MSI_GSI {
+        for gsi in (0..FIRST_MSI_GSI).filter(|&gsi| gsi != PIT_IOAPIC_PIN) {
             let pin = if gsi == 0 { PIT_IOAPIC_PIN } else { gsi };
             routes.insert(
                 gsi,
@@ -363,8 +365,10 @@ mod tests {
         let mut device = table.allocate(1).unwrap();
         table.apply(&device.update(0, Some(M2)).unwrap().unwrap());
         let entries = table.kvm_entries();
-        // 24 IOAPIC pins, 15 PIC pins (GSI 2 is the cascade), one MSI.
-        assert_eq!(entries.len(), 24 + 15 + 1);
+        // 24 IOAPIC pins (GSI 0 to pin 2, no GSI 2), 15 PIC pins (no
+        // cascade), one MSI.
+        assert_eq!(entries.len(), 23 + 15 + 1);
+        assert!(entries.iter().all(|e| e.gsi != 2));
         let msi = entries
             .iter()
             .find(|e| e.type_ == KVM_IRQ_ROUTING_MSI)

@@ -323,7 +323,9 @@ impl Passthrough {
                 }
             }
             for piece in bar_pieces(bar.size, &vfio.mmappable(bar.index), &traps, page) {
-                if !piece.mmap {
+                // A memslot is whole pages at a page-aligned address: a BAR
+                // smaller than a page stays trapped.
+                if !piece.mmap || !piece.len.is_multiple_of(page) {
                     continue;
                 }
                 let offset = vfio.mmap_offset(bar.index) + piece.offset;
