@@ -319,6 +319,17 @@ impl VfioPassthrough {
             })
     }
 
+    /// Takes MSI-X away from the device again (the guest disabled it).
+    pub fn disable_msix(&self) -> Result<(), VfioSetupError> {
+        self.device
+            .disable_msix()
+            .map_err(|source| VfioSetupError::EnableMsix {
+                bdf: self.bdf,
+                vectors: 0,
+                source,
+            })
+    }
+
     /// Hands the device one eventfd per MSI vector (multiple-message MSI).
     pub fn enable_msi(&self, eventfds: &[EventFd]) -> Result<(), VfioSetupError> {
         self.device

@@ -10,9 +10,10 @@
 //!   memslots (the guest reaches the device without exits), the rest (the
 //!   MSI-X table and PBA, and whatever VFIO does not allow to map) is a
 //!   [`TrappedBar`] in [`BarTraps`];
-//! - MSI-X (and MSI) vectors: one eventfd per vector given to VFIO and one
-//!   GSI per vector, attached to KVM with irqfd once the guest programs and
-//!   unmasks the vector, so interrupts reach the guest without exits.
+//! - MSI-X (and MSI) vectors: one GSI per vector, and one eventfd per
+//!   vector given to VFIO when the guest enables MSI-X (or MSI); each
+//!   vector's irqfd is attached once the guest programs and unmasks it, so
+//!   interrupts reach the guest without exits.
 //!
 //! Memslots and traps follow the guest: nothing is mapped until it enables
 //! memory decode, and a BAR the guest moves moves its memslots and trap.
@@ -192,7 +193,9 @@ struct Vectors {
 struct DeviceState {
     msix: Option<Vectors>,
     msi: Option<Vectors>,
-    /// Whether VFIO currently has MSI enabled on the device.
+    /// Whether VFIO currently has MSI-X / MSI enabled on the device (one
+    /// at most: the guest enables one or the other, as on hardware).
+    msix_on: bool,
     msi_on: bool,
 }
 
@@ -287,9 +290,6 @@ impl Passthrough {
         let msix_vectors = match msix {
             Some(layout) => {
                 let eventfds = eventfds(bdf, usize::from(layout.table_size))?;
-                // VFIO gets every vector's eventfd now; a vector reaches the
-                // guest once its irqfd is attached (programmed, unmasked).
-                vfio.enable_msix(&eventfds).map_err(vfio_error)?;
                 let gsis = routing.allocate(eventfds.len()).map_err(routing_error)?;
                 Some(Vectors { eventfds, gsis })
             }
@@ -389,6 +389,7 @@ impl Passthrough {
             state: Mutex::new(DeviceState {
                 msix: msix_vectors,
                 msi: msi_vectors,
+                msix_on: false,
                 msi_on: false,
             }),
             vfio,
@@ -510,8 +511,20 @@ impl Passthrough {
                 enabled,
                 function_mask,
             } => {
-                let mut state = lock(&device.state);
+                let vfio_error = |error| PassthroughError::Vfio { bdf, error };
+                let mut guard = lock(&device.state);
+                let state = &mut *guard;
                 if let Some(vectors) = state.msix.as_mut() {
+                    // VFIO gets every vector's eventfd when the guest enables
+                    // MSI-X; a vector reaches the guest once its irqfd is
+                    // attached (programmed and unmasked).
+                    if enabled && !state.msix_on {
+                        device
+                            .vfio
+                            .enable_msix(&vectors.eventfds)
+                            .map_err(vfio_error)?;
+                        state.msix_on = true;
+                    }
                     let routes = {
                         let mut table = lock(&device.msix_table);
                         table.set_control(enabled, function_mask);
@@ -519,6 +532,10 @@ impl Passthrough {
                     };
                     let changes = vectors.gsis.update_all(&routes).map_err(routing_error)?;
                     self.route(device, &vectors.eventfds, &changes)?;
+                    if !enabled && state.msix_on {
+                        device.vfio.disable_msix().map_err(vfio_error)?;
+                        state.msix_on = false;
+                    }
                 }
             }
             ConfigChange::Msi(state) => self.apply_msi(device, state)?,
