@@ -2,7 +2,9 @@
 //! disassembler (`iasl -d`, from tests/setup-acpica.sh, which tests/run.sh
 //! runs): each table must disassemble without checksum or length complaints
 //! and say what the VMM means (a local APIC per vCPU, the ECAM base, the
-//! PCI Express host bridge and its windows).
+//! PCI Express host bridge and its windows); ACPICA's interpreter
+//! (`acpiexec`, same package) must load the DSDT and evaluate the host
+//! bridge's _HID, _CRS and _BBN.
 
 mod common;
 
@@ -127,6 +129,43 @@ fn iasl_reads_what_the_tables_say() {
             assert!(dsdt.contains(&hex), "{hex} in:\n{dsdt}");
         }
     }
+
+    // ACPICA's interpreter (the one Linux runs) loads the DSDT with the
+    // other tables and evaluates the host bridge's objects.
+    let acpiexec = iasl.with_file_name("acpiexec");
+    let acpiexec = if acpiexec.exists() {
+        acpiexec
+    } else {
+        PathBuf::from("acpiexec")
+    };
+    let mut command = Command::new(&acpiexec);
+    command
+        .current_dir(&dir)
+        .arg("-b")
+        .arg("evaluate \\_SB.PCI0._HID; evaluate \\_SB.PCI0._CRS; evaluate \\_SB.PCI0._BBN");
+    for name in ["dsdt", "facp", "apic", "mcfg"] {
+        command.arg(format!("{name}.dat"));
+    }
+    let run = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} (acpica-tools): {e}", acpiexec.display()));
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "{out}");
+    for expected in [
+        "1 ACPI AML tables successfully acquired and loaded",
+        // EisaId("PNP0A08") as ACPICA encodes it.
+        "[Integer] = 00000000080AD041",
+        "Evaluation of \\_SB.PCI0._CRS returned object",
+        "No outstanding allocations",
+    ] {
+        assert!(out.contains(expected), "{expected:?} in:\n{out}");
+    }
+    assert!(!out.contains("Error") && !out.contains("AE_"), "{out}");
+
     if std::env::var_os("AIVMM_KEEP_ACPI").is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
