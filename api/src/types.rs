@@ -161,7 +161,8 @@ pub struct LinuxStatus {
     pub cmdline: String,
     /// How the last boot ended (power-off, reset, triple fault, ...), if it has.
     pub end: Option<String>,
-    /// Exits of the guest's vCPUs, summed, for the current or last boot.
+    /// Exits of the guest's vCPUs, summed, for the current or last boot
+    /// (sampled every 0.2 s while it runs).
     pub exits: LinuxExits,
     /// Bytes the guest wrote to its serial console in its current or last boot.
     pub console_bytes: u64,

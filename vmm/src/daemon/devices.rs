@@ -62,16 +62,8 @@ impl DeviceClaims {
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
-    /// Gives all of `devices` to partition `id`, or none of them: each must
-    /// be free (or already `id`'s) and pass the preflight for a partition of
-    /// `guest_ram_bytes` on `node`.
-    pub fn claim(
-        &mut self,
-        id: &str,
-        devices: &[Bdf],
-        guest_ram_bytes: u64,
-        node: Option<u32>,
-    ) -> Result<(), ApiError> {
+    /// Whether each of `devices` is free (or already `id`'s), listed once.
+    pub fn check_free(&self, id: &str, devices: &[Bdf]) -> Result<(), ApiError> {
         for (i, bdf) in devices.iter().enumerate() {
             if devices[..i].contains(bdf) {
                 return Err(ApiError::invalid(
@@ -89,6 +81,20 @@ impl DeviceClaims {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Gives all of `devices` to partition `id`, or none of them: each must
+    /// be free (or already `id`'s) and pass the preflight for a partition of
+    /// `guest_ram_bytes` on `node`.
+    pub fn claim(
+        &mut self,
+        id: &str,
+        devices: &[Bdf],
+        guest_ram_bytes: u64,
+        node: Option<u32>,
+    ) -> Result<(), ApiError> {
+        self.check_free(id, devices)?;
         if devices.is_empty() {
             return Ok(());
         }

@@ -50,21 +50,13 @@ pub fn plan(
     check_kernel(&kernel)?;
     let initrd = linux.initrd.as_ref().map(PathBuf::from);
     if let Some(initrd) = &initrd {
-        let readable = File::open(initrd).and_then(|file| file.metadata());
-        match readable {
-            Ok(meta) if meta.is_file() && meta.len() > 0 => {}
-            Ok(_) => {
-                return Err(ApiError::invalid(
-                    "linux.initrd",
-                    format!("{} is not a non-empty file", initrd.display()),
-                ))
-            }
-            Err(error) => {
-                return Err(ApiError::invalid(
-                    "linux.initrd",
-                    format!("cannot read {}: {error}", initrd.display()),
-                ))
-            }
+        let file =
+            open_regular_file(initrd).map_err(|why| ApiError::invalid("linux.initrd", why))?;
+        if file.metadata().map_or(0, |meta| meta.len()) == 0 {
+            return Err(ApiError::invalid(
+                "linux.initrd",
+                format!("{} is empty", initrd.display()),
+            ));
         }
     }
     let devices = devices
@@ -74,7 +66,10 @@ pub fn plan(
                 .map_err(|error| ApiError::invalid("devices", error.to_string()))
         })
         .collect::<Result<Vec<Bdf>, ApiError>>()?;
-    let memory_bytes = memory_mib.unwrap_or(DEFAULT_MEMORY_MIB) << 20;
+    let memory_bytes = memory_mib
+        .unwrap_or(DEFAULT_MEMORY_MIB)
+        .checked_mul(1 << 20)
+        .ok_or_else(|| ApiError::invalid("memory_mib", "is larger than any host's memory"))?;
     let min = crate::linux::e820::MIN_MEMORY;
     if memory_bytes < min {
         return Err(ApiError::invalid(
@@ -107,14 +102,7 @@ pub fn plan(
 /// magic numbers; the full load happens at boot).
 fn check_kernel(kernel: &Path) -> Result<(), ApiError> {
     let invalid = |why: String| ApiError::invalid("linux.kernel", why);
-    let file = File::open(kernel)
-        .map_err(|error| invalid(format!("cannot read {}: {error}", kernel.display())))?;
-    let meta = file
-        .metadata()
-        .map_err(|error| invalid(format!("cannot read {}: {error}", kernel.display())))?;
-    if !meta.is_file() {
-        return Err(invalid(format!("{} is not a file", kernel.display())));
-    }
+    let file = open_regular_file(kernel).map_err(invalid)?;
     let mut head = Vec::with_capacity(4096);
     file.take(4096)
         .read_to_end(&mut head)
@@ -122,6 +110,17 @@ fn check_kernel(kernel: &Path) -> Result<(), ApiError> {
     loader::detect(kernel, &head)
         .map(|_| ())
         .map_err(|error| invalid(error.to_string()))
+}
+
+/// Opens `path` if it is a regular file (checked before the open, which
+/// would wait on a FIFO); the error says why not.
+fn open_regular_file(path: &Path) -> Result<File, String> {
+    let cannot = |error: std::io::Error| format!("cannot read {}: {error}", path.display());
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    File::open(path).map_err(cannot)
 }
 
 /// A booted Linux guest and the cgroup its vCPU threads run in.
@@ -329,7 +328,17 @@ mod tests {
         linux.initrd = None;
         let error = plan(&linux, &["17:00".into()], 1, None, log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("devices"));
+        let empty = dir.path().join("empty-initrd");
+        std::fs::write(&empty, "").unwrap();
+        linux.initrd = Some(empty.display().to_string());
+        let error = plan(&linux, &[], 1, None, log.clone()).unwrap_err();
+        assert!(error.message.contains("empty-initrd is empty"), "{error}");
+        linux.initrd = None;
+        let error = plan(&spec(dir.path()), &[], 1, None, log.clone()).unwrap_err();
+        assert!(error.message.contains("is not a regular file"), "{error}");
         let error = plan(&linux, &[], 1, Some(8), log.clone()).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("memory_mib"));
+        let error = plan(&linux, &[], 1, Some(u64::MAX >> 10), log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("memory_mib"));
         let plan = plan(&linux, &["17:00.0".into()], 2, None, log).unwrap();
         assert_eq!(plan.memory_bytes, DEFAULT_MEMORY_MIB << 20);

@@ -479,17 +479,9 @@ impl Manager {
             spec.memory_mib,
             self.console_log(&spec.id)?,
         )?;
-        for bdf in &plan.devices {
-            if let Some(holder) = self.devices.holder(bdf) {
-                return Err(ApiError {
-                    code: ErrorCode::Conflict,
-                    message: format!(
-                        "devices: {bdf} belongs to partition {holder}; delete that partition or pick another device (GET /devices lists their owners)"
-                    ),
-                    param: Some("devices".into()),
-                });
-            }
-        }
+        // Before placement, so that a held device is named even when the
+        // cores are taken too.
+        self.devices.check_free(&spec.id, &plan.devices)?;
         let numa_node = spec.numa_node.or_else(|| {
             plan.devices
                 .iter()
