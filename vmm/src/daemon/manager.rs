@@ -1014,9 +1014,17 @@ mod tests {
         let mut m = manager(&model, placer("this-machine"), &state_file);
         let a = create(&mut m, spec("a", "")).unwrap();
         assert_eq!(
-            (a.host_cpus, a.numa_node, a.state),
-            (vec![0], Some(0), PartitionState::Stopped)
+            (a.host_cpus, a.numa_node, a.state, a.kind),
+            (
+                vec![0],
+                Some(0),
+                PartitionState::Stopped,
+                PartitionKind::Inference
+            )
         );
+        let error = m.console("a", 100).unwrap_err();
+        assert_eq!(error.code, ErrorCode::Conflict);
+        assert!(error.message.contains("only Linux partitions"), "{error}");
         let error = create(&mut m, spec("b", r#", "hugepages": true"#)).unwrap_err();
         assert_eq!(error.code, ErrorCode::ResourcesExhausted);
         assert!(
