@@ -603,3 +603,57 @@ pub fn health(args: &ClientArgs) -> Result<(), CliError> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(subcommand)]
+        partition: PartitionCommand,
+    }
+
+    fn create(args: &[&str]) -> Result<CreateArgs, clap::Error> {
+        let argv = ["aivmm", "create"].iter().chain(args).copied();
+        match Command::try_parse_from(argv)?.partition {
+            PartitionCommand::Create(create) => Ok(create),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn linux_partitions_take_a_kernel_and_devices_instead_of_a_model() {
+        let lx = create(&[
+            "lx",
+            "--kernel",
+            "/boot/vmlinuz",
+            "--cmdline",
+            "console=ttyS0",
+            "--boot-protocol",
+            "linux64",
+            "--device",
+            "0000:17:00.0",
+            "--device",
+            "0000:ca:00.0",
+        ])
+        .unwrap();
+        assert_eq!(
+            lx.kernel.as_deref(),
+            Some(std::path::Path::new("/boot/vmlinuz"))
+        );
+        assert_eq!(lx.boot_protocol, BootProtocol::Linux64);
+        assert_eq!(lx.devices, ["0000:17:00.0", "0000:ca:00.0"]);
+        assert_eq!(lx.model, None);
+        assert_eq!(create(&["m"]).unwrap().boot_protocol, BootProtocol::Auto);
+        for bad in [
+            &["x", "--kernel", "/k", "--model", "tiny"][..],
+            &["x", "--device", "0000:17:00.0"],
+            &["x", "--initrd", "/i"],
+            &["x", "--kernel", "/k", "--boot-protocol", "efi"],
+        ] {
+            assert!(create(bad).is_err(), "{bad:?}");
+        }
+    }
+}
