@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -165,12 +166,19 @@ pub fn ended_cleanly(end: &LinuxEnd) -> bool {
 /// the vCPU threads it creates inherit the cgroup and then pin themselves to
 /// their host CPU each.
 pub fn boot(plan: &LinuxPlan, cgroup_name: Option<String>) -> Result<LinuxRun, String> {
-    let console = File::create(&plan.console_log).map_err(|error| {
-        format!(
-            "cannot create the console log {}: {error}",
-            plan.console_log.display()
-        )
-    })?;
+    // The tenant's console is the tenant's: readable by the daemon's user only.
+    let console = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&plan.console_log)
+        .map_err(|error| {
+            format!(
+                "cannot create the console log {}: {error}",
+                plan.console_log.display()
+            )
+        })?;
     let cgroup = match cgroup_name {
         Some(name) => Some(Arc::new(
             PartitionCgroup::create(&CgroupSpec {

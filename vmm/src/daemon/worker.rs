@@ -525,6 +525,10 @@ impl Worker {
         };
         let exits = run.exits(vcpus);
         let ended = run.vm.end().is_some();
+        self.shared
+            .metrics
+            .vcpu_exits
+            .store(exits.io_in + exits.io_out + exits.mmio, Ordering::Relaxed);
         self.shared.status().linux_exits = exits;
         if ended {
             self.stop();
