@@ -22,6 +22,9 @@ pub enum ApiRequest {
     PartitionAction(String, PartitionAction, Reply<PartitionInfo>),
     DeletePartition(String, Reply<()>),
     SwapModel(String, ModelSwap, Reply<PartitionInfo>),
+    /// The last `bytes` bytes (at most) of a Linux partition's console log.
+    Console(String, u64, Reply<ConsoleTail>),
+    ListDevices(Reply<Vec<DeviceInfo>>),
     ListModels(Reply<Vec<ModelInfo>>),
     RegisterModel(ModelRegistration, Reply<ModelInfo>),
     Complete(Box<CompletionJob>, Reply<CompletionStream>),

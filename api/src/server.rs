@@ -43,6 +43,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/partitions/{id}/restart"),
     ("PUT", "/partitions/{id}/model"),
     ("POST", "/partitions/{id}/completions"),
+    ("GET", "/partitions/{id}/console"),
+    ("GET", "/devices"),
     ("GET", "/models"),
     ("POST", "/models"),
     ("GET", "/stats"),
@@ -114,6 +116,8 @@ pub fn router(
         .route("/partitions/{id}/restart", post(restart_partition))
         .route("/partitions/{id}/model", put(swap_model))
         .route("/partitions/{id}/completions", post(partition_completion))
+        .route("/partitions/{id}/console", get(console))
+        .route("/devices", get(list_devices))
         .route("/models", get(list_models).post(register_model))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -432,11 +436,37 @@ async fn create_partition(
 
 fn check_spec(spec: &PartitionSpec) -> Result<(), ApiError> {
     types::validate_partition_id(&spec.id).map_err(|why| ApiError::invalid("id", why))?;
-    if spec.model.is_empty() {
-        return Err(ApiError::invalid(
-            "model",
-            "must name a model or a GGUF file",
-        ));
+    match (&spec.model, &spec.linux) {
+        (Some(model), None) if model.is_empty() => {
+            return Err(ApiError::invalid(
+                "model",
+                "must name a model or a GGUF file",
+            ))
+        }
+        (Some(_), None) => {
+            if !spec.devices.is_empty() {
+                return Err(ApiError::invalid(
+                    "devices",
+                    "only Linux partitions take PCI devices (give `linux` instead of `model`)",
+                ));
+            }
+            if spec.context_length == Some(0) {
+                return Err(ApiError::invalid("context_length", "must be at least 1"));
+            }
+        }
+        (None, Some(linux)) => check_linux(linux, spec)?,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "linux",
+                "give either `model` (an inference partition) or `linux` (a Linux guest), not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "model",
+                "give `model` (a model name or GGUF file) or `linux` (a kernel to boot)",
+            ))
+        }
     }
     if let Some(vcpus) = spec.vcpus {
         if !(1..=aivmm_guest_abi_max_vcpus()).contains(&vcpus) {
@@ -471,8 +501,47 @@ fn check_spec(spec: &PartitionSpec) -> Result<(), ApiError> {
     if spec.memory_mib == Some(0) {
         return Err(ApiError::invalid("memory_mib", "must be at least 1"));
     }
-    if spec.context_length == Some(0) {
-        return Err(ApiError::invalid("context_length", "must be at least 1"));
+    Ok(())
+}
+
+fn check_linux(linux: &LinuxSpec, spec: &PartitionSpec) -> Result<(), ApiError> {
+    if !linux.kernel.starts_with('/') {
+        return Err(ApiError::invalid(
+            "linux.kernel",
+            "must be the absolute path of a vmlinux or bzImage",
+        ));
+    }
+    if linux.initrd.as_deref().is_some_and(|p| !p.starts_with('/')) {
+        return Err(ApiError::invalid(
+            "linux.initrd",
+            "must be an absolute path",
+        ));
+    }
+    if linux.cmdline.as_deref().is_some_and(|c| c.contains('\0')) {
+        return Err(ApiError::invalid(
+            "linux.cmdline",
+            "must not contain a NUL byte",
+        ));
+    }
+    if spec.context_length.is_some() {
+        return Err(ApiError::invalid(
+            "context_length",
+            "is for models; a Linux partition has none",
+        ));
+    }
+    if spec.hugepages {
+        return Err(ApiError::invalid(
+            "hugepages",
+            "Linux partitions run on anonymous memory for now; leave hugepages out",
+        ));
+    }
+    for (i, device) in spec.devices.iter().enumerate() {
+        if spec.devices[..i].contains(device) {
+            return Err(ApiError::invalid(
+                "devices",
+                format!("{device} is listed twice"),
+            ));
+        }
     }
     Ok(())
 }
@@ -557,6 +626,48 @@ async fn swap_model(
     })
     .await?;
     Ok(ok(&info))
+}
+
+/// `?bytes=N` of the console route.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsoleQuery {
+    bytes: Option<u64>,
+}
+
+/// Console bytes answered when `?bytes` is not given, and at most.
+pub const CONSOLE_DEFAULT_BYTES: u64 = 16 << 10;
+pub const CONSOLE_MAX_BYTES: u64 = 1 << 20;
+
+async fn console(
+    State(state): State<AppState>,
+    PartitionId(id): PartitionId,
+    query: Result<axum::extract::Query<ConsoleQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(query) =
+        query.map_err(|rejection| ApiError::invalid("bytes", rejection.body_text()))?;
+    let bytes = query.bytes.unwrap_or(CONSOLE_DEFAULT_BYTES);
+    if !(1..=CONSOLE_MAX_BYTES).contains(&bytes) {
+        return Err(ApiError::invalid(
+            "bytes",
+            format!("{bytes} is out of range 1..={CONSOLE_MAX_BYTES}"),
+        ));
+    }
+    let tail = ask(&state, state.options.control_timeout, |reply| {
+        ApiRequest::Console(id, bytes, reply)
+    })
+    .await?;
+    Ok(ok(&tail))
+}
+
+async fn list_devices(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let devices = ask(
+        &state,
+        state.options.control_timeout,
+        ApiRequest::ListDevices,
+    )
+    .await?;
+    Ok(ok(&devices))
 }
 
 async fn list_models(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -854,7 +965,7 @@ async fn openai_models(State(state): State<AppState>) -> Result<Response, ApiErr
     // the partition's id.
     for partition in partitions
         .iter()
-        .filter(|p| p.state == PartitionState::Running)
+        .filter(|p| p.state == PartitionState::Running && p.kind == PartitionKind::Inference)
     {
         push(&partition.model);
         push(&partition.id);

@@ -12,8 +12,17 @@ pub struct PartitionSpec {
     /// Name of the partition: 1 to 63 characters of `a-z 0-9 - _`, starting
     /// with a letter or digit.
     pub id: String,
-    /// Model: a name from `GET /models`, or the absolute path of a GGUF file.
-    pub model: String,
+    /// Model: a name from `GET /models`, or the absolute path of a GGUF file
+    /// (an inference partition). Give either `model` or `linux`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Boot this Linux guest instead of a model (a Linux partition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linux: Option<LinuxSpec>,
+    /// Host PCI devices passed through to the partition (Linux partitions
+    /// only), e.g. "0000:17:00.0". One device belongs to one partition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
     /// Number of vCPUs; each gets a whole host core of its own (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u32>,
@@ -39,6 +48,45 @@ pub struct PartitionSpec {
 
 fn yes() -> bool {
     true
+}
+
+/// What a Linux partition boots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinuxSpec {
+    /// Absolute path of the kernel: a vmlinux ELF or a bzImage.
+    pub kernel: String,
+    /// Absolute path of an initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line (default: the serial console on ttyS0, no PCI probing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(default)]
+    pub boot_protocol: BootProtocol,
+}
+
+/// Entry point of a Linux kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BootProtocol {
+    /// PVH if the kernel has the ELF note, else the 64-bit boot protocol.
+    #[default]
+    Auto,
+    /// The 64-bit boot protocol (zero page).
+    Linux64,
+    /// PVH (a vmlinux with the PVH note only).
+    Pvh,
+}
+
+/// What a partition runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PartitionKind {
+    /// The inference kernel serving a model.
+    Inference,
+    /// A Linux guest.
+    Linux,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -77,10 +125,11 @@ impl PartitionState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PartitionInfo {
     pub id: String,
+    pub kind: PartitionKind,
     pub state: PartitionState,
     /// What was asked for.
     pub spec: PartitionSpec,
-    /// The model it serves (a swap changes it).
+    /// The model it serves (a swap changes it); empty for a Linux partition.
     pub model: String,
     pub model_path: String,
     pub vcpus: u32,
@@ -97,6 +146,63 @@ pub struct PartitionInfo {
     /// A model swap under way: the model being loaded.
     pub swapping_to: Option<String>,
     pub counters: PartitionCounters,
+    /// Host PCI devices the partition holds.
+    pub devices: Vec<String>,
+    /// A Linux partition's guest (None for an inference partition).
+    pub linux: Option<LinuxStatus>,
+}
+
+/// The Linux guest of a partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LinuxStatus {
+    pub kernel: String,
+    pub initrd: Option<String>,
+    /// The command line the kernel got (with the host's workarounds, once booted).
+    pub cmdline: String,
+    /// How the last boot ended (power-off, reset, triple fault, ...), if it has.
+    pub end: Option<String>,
+    /// Exits of the guest's vCPUs, summed, for the current or last boot
+    /// (sampled every 0.2 s while it runs).
+    pub exits: LinuxExits,
+    /// Bytes the guest wrote to its serial console in its current or last boot.
+    pub console_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LinuxExits {
+    pub io_in: u64,
+    pub io_out: u64,
+    pub mmio: u64,
+}
+
+/// `GET /partitions/{id}/console`: the end of a Linux partition's serial console log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ConsoleTail {
+    pub partition: String,
+    /// Size of the whole log (the current or last boot), in bytes.
+    pub size_bytes: u64,
+    /// Where `text` starts in the log.
+    pub offset: u64,
+    /// The log from `offset` to its end (invalid UTF-8 replaced by U+FFFD).
+    pub text: String,
+}
+
+/// `GET /devices`: a host PCI device and who holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeviceInfo {
+    /// Domain:bus:device.function, e.g. "0000:17:00.0".
+    pub address: String,
+    pub vendor: u16,
+    pub device: u16,
+    pub class: u32,
+    pub numa_node: Option<u32>,
+    pub driver: Option<String>,
+    pub iommu_group: Option<u32>,
+    /// Whether VFIO could take it as the host is now (`not_assignable` says why not).
+    pub assignable: bool,
+    pub not_assignable: Option<String>,
+    /// The partition holding it.
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

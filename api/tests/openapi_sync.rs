@@ -151,6 +151,13 @@ fn every_schema_has_the_fields_of_its_serde_type() {
     check::<types::PartitionState>(&doc, "PartitionState", Response, p);
     check::<types::PartitionInfo>(&doc, "PartitionInfo", Response, p);
     check::<types::PartitionCounters>(&doc, "PartitionCounters", Response, p);
+    check::<types::LinuxSpec>(&doc, "LinuxSpec", Request, p);
+    check::<types::BootProtocol>(&doc, "BootProtocol", Request, p);
+    check::<types::PartitionKind>(&doc, "PartitionKind", Response, p);
+    check::<types::LinuxStatus>(&doc, "LinuxStatus", Response, p);
+    check::<types::LinuxExits>(&doc, "LinuxExits", Response, p);
+    check::<types::ConsoleTail>(&doc, "ConsoleTail", Response, p);
+    check::<types::DeviceInfo>(&doc, "DeviceInfo", Response, p);
     check::<types::ModelSwap>(&doc, "ModelSwap", Request, p);
     check::<types::ModelRegistration>(&doc, "ModelRegistration", Request, p);
     check::<types::ModelInfo>(&doc, "ModelInfo", Response, p);

@@ -1236,3 +1236,229 @@ fn a_restarted_daemon_restores_its_partitions_on_the_same_cores() {
     let (status, _) = daemon.call("GET", "/partitions/running", None);
     assert_eq!(status, 200);
 }
+
+/// A Linux partition through the daemon: the Debian kernel (as
+/// tests/tests/linux_boot.rs boots it) on a placed core, its console read
+/// through the API until the kernel's banner, model requests to it refused
+/// with 409, a device for a second partition refused with this host's
+/// preflight error, and its core free again once it is deleted.
+/// AIVMM_LINUX_BOOT_TIMEOUT (seconds, default 180) bounds the wait for the
+/// banner: the kernel runs emulated on PVM hosts, so not reaching it in
+/// time is reported, not failed, as in linux_boot.rs.
+#[test]
+fn a_linux_partition_boots_shows_its_console_and_frees_its_core() {
+    let name = "a_linux_partition_boots_shows_its_console_and_frees_its_core";
+    if !common::kvm_available(name) {
+        return;
+    }
+    let Some(kernel) = common::debian_kernel(name) else {
+        return;
+    };
+    let _serial = serial();
+    let daemon = Daemon::start("linux", &[("tiny", tiny("tiny-llama-f16"))], false);
+
+    // Bad kernels are refused naming the file; the daemon goes on.
+    let (status, body) = daemon.call(
+        "POST",
+        "/partitions",
+        Some(json!({"id": "bad", "linux": {"kernel": "/nonexistent/vmlinuz"}})),
+    );
+    assert_error(
+        "missing kernel",
+        (status, body.clone()),
+        400,
+        "invalid_request",
+        Some("linux.kernel"),
+    );
+    assert!(body.to_string().contains("/nonexistent/vmlinuz"), "{body}");
+    let not_a_kernel = tiny("tiny-llama-f16");
+    let (status, body) = daemon.call(
+        "POST",
+        "/partitions",
+        Some(json!({"id": "bad", "linux": {"kernel": not_a_kernel}})),
+    );
+    assert_error(
+        "a GGUF as kernel",
+        (status, body.clone()),
+        400,
+        "invalid_request",
+        Some("linux.kernel"),
+    );
+    assert!(
+        body.to_string().contains("is not a Linux kernel image"),
+        "{body}"
+    );
+
+    let (status, body) = daemon.call(
+        "POST",
+        "/partitions",
+        Some(json!({"id": "lx", "linux": {"kernel": kernel.vmlinux}, "memory_mib": 256})),
+    );
+    assert_eq!(status, 201, "create lx: {body}");
+    let info: PartitionInfo = serde_json::from_value(body).unwrap();
+    assert_eq!(
+        (info.kind, info.state, info.host_cpus.len()),
+        (PartitionKind::Linux, PartitionState::Running, 1)
+    );
+    let core = info.host_cpus[0];
+
+    let started = Instant::now();
+    let timeout = common::seconds_from_env("AIVMM_LINUX_BOOT_TIMEOUT", 180);
+    let banner = loop {
+        let (status, body) = daemon.call("GET", "/partitions/lx/console?bytes=65536", None);
+        assert_eq!(status, 200, "{body}");
+        let tail: ConsoleTail = serde_json::from_value(body).unwrap();
+        if tail.text.contains("Linux version") {
+            break Some(tail);
+        }
+        let (_, body) = daemon.call("GET", "/partitions/lx", None);
+        let info: PartitionInfo = serde_json::from_value(body).unwrap();
+        assert_eq!(
+            info.state,
+            PartitionState::Running,
+            "the guest ended before its banner: {:?}; console: {}",
+            info.error,
+            tail.text
+        );
+        if started.elapsed() > timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let seen_after = started.elapsed();
+    // The worker samples the exits every 0.2 s.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, body) = daemon.call("GET", "/partitions/lx", None);
+    let info: PartitionInfo = serde_json::from_value(body).unwrap();
+    let linux = info
+        .linux
+        .expect("a Linux partition has its guest's status");
+    match &banner {
+        Some(tail) => {
+            eprintln!(
+                "{name}: \"Linux version\" on the console after {:.1} s ({} port writes, {} port reads, {} MMIO exits half a second later)",
+                seen_after.as_secs_f64(),
+                linux.exits.io_out,
+                linux.exits.io_in,
+                linux.exits.mmio
+            );
+            assert!(tail.text.contains("Linux version 6."), "{}", tail.text);
+            // The banner came through the serial port: port writes, logged whole.
+            assert!(linux.exits.io_out > 0, "{linux:?}");
+            assert!(linux.console_bytes >= tail.size_bytes, "{linux:?}");
+            let (_, body) = daemon.call("GET", "/partitions/lx/console?bytes=16", None);
+            let short: ConsoleTail = serde_json::from_value(body).unwrap();
+            assert!(short.text.len() <= 16 && short.offset + 16 >= short.size_bytes, "{short:?}");
+        }
+        None => eprintln!(
+            "{name}: no \"Linux version\" within {} s (the kernel runs emulated here); the guest still runs with {:?}",
+            timeout.as_secs(),
+            linux.exits
+        ),
+    }
+    assert!(linux.cmdline.contains("console=ttyS0"), "{}", linux.cmdline);
+
+    // Model requests go to inference partitions only.
+    let (status, body) = daemon.call(
+        "POST",
+        "/partitions/lx/completions",
+        Some(json!({"prompt": "hi", "stream": false})),
+    );
+    assert_error(
+        "completion to a Linux partition",
+        (status, body.clone()),
+        409,
+        "conflict",
+        None,
+    );
+    assert!(body.to_string().contains("runs a Linux guest"), "{body}");
+    let (status, body) = daemon.call(
+        "PUT",
+        "/partitions/lx/model",
+        Some(json!({"model": "tiny"})),
+    );
+    assert_error(
+        "model swap on a Linux partition",
+        (status, body),
+        409,
+        "conflict",
+        None,
+    );
+    let (status, body) = daemon.call(
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": "lx", "prompt": "hi", "max_tokens": 1})),
+    );
+    assert_error(
+        "OpenAI completion to a Linux partition",
+        (status, body),
+        409,
+        "conflict",
+        None,
+    );
+
+    // A device for a second partition: this host's preflight says why not,
+    // and the refused partition keeps no core.
+    let (status, body) = daemon.call("GET", "/devices", None);
+    assert_eq!(status, 200, "{body}");
+    let devices: Vec<DeviceInfo> = serde_json::from_value(body).unwrap();
+    if let Some(device) = devices.first() {
+        assert_eq!(device.owner, None);
+        let (status, body) = daemon.call(
+            "POST",
+            "/partitions",
+            Some(json!({
+                "id": "gpu",
+                "linux": {"kernel": kernel.vmlinux},
+                "devices": [device.address],
+                "start": false
+            })),
+        );
+        if device.assignable {
+            eprintln!(
+                "{name}: {} passes the preflight here: {body}",
+                device.address
+            );
+            if status == 201 {
+                daemon.call("DELETE", "/partitions/gpu", None);
+            }
+        } else {
+            assert_error(
+                "a device that fails the preflight",
+                (status, body.clone()),
+                400,
+                "invalid_request",
+                Some("devices"),
+            );
+            assert!(body.to_string().contains(&device.address), "{body}");
+            eprintln!(
+                "{name}: {} refused: {}",
+                device.address, body["error"]["message"]
+            );
+        }
+        let (_, body) = daemon.call("GET", "/partitions", None);
+        let ids: Vec<String> = serde_json::from_value::<Vec<PartitionInfo>>(body)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(ids, ["lx"]);
+    } else {
+        eprintln!("{name}: this host has no PCI devices to ask for");
+    }
+
+    // Deleting frees the core.
+    let (status, body) = daemon.call("DELETE", "/partitions/lx", None);
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = daemon.call(
+        "POST",
+        "/partitions",
+        Some(json!({"id": "again", "linux": {"kernel": kernel.vmlinux}, "cores": [core], "start": false})),
+    );
+    assert_eq!(
+        status, 201,
+        "the core of the deleted partition is free again: {body}"
+    );
+    let (status, _) = daemon.call("DELETE", "/partitions/again", None);
+    assert_eq!(status, 204);
+}

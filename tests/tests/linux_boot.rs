@@ -15,9 +15,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::Duration;
 
 use aivmm::linux::boot_cpu::Entry;
@@ -31,44 +29,8 @@ use aivmm::linux::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-struct Kernel {
-    bzimage: PathBuf,
-    vmlinux: PathBuf,
-}
-
-/// The Debian kernel, or None (with a printed reason) when it cannot be
-/// fetched outside CI.
-fn kernel(test: &str) -> Option<&'static Kernel> {
-    static KERNEL: OnceLock<Result<Kernel, String>> = OnceLock::new();
-    let result = KERNEL.get_or_init(|| {
-        let out = Command::new(common::repo_root().join("images/fetch-kernel.sh"))
-            .output()
-            .map_err(|error| format!("cannot run images/fetch-kernel.sh: {error}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "images/fetch-kernel.sh failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let mut lines = stdout.lines();
-        let (Some(bzimage), Some(vmlinux)) = (lines.next(), lines.next()) else {
-            return Err(format!("images/fetch-kernel.sh printed {stdout:?}"));
-        };
-        Ok(Kernel {
-            bzimage: PathBuf::from(bzimage),
-            vmlinux: PathBuf::from(vmlinux),
-        })
-    });
-    match result {
-        Ok(kernel) => Some(kernel),
-        Err(reason) if common::in_ci() => panic!("{test}: {reason}"),
-        Err(reason) => {
-            eprintln!("{test}: SKIPPED: {reason} (set CI=true to make this a failure)");
-            None
-        }
-    }
-}
+use common::debian_kernel as kernel;
+use common::seconds_from_env;
 
 fn config(kernel: &Path, memory_bytes: u64) -> LinuxConfig {
     LinuxConfig {
@@ -371,15 +333,6 @@ fn symbolize(symbols: &[(u64, String)], rip: u64) -> String {
         }
         _ => "?".into(),
     }
-}
-
-fn seconds_from_env(name: &str, default: u64) -> Duration {
-    Duration::from_secs(
-        std::env::var(name)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(default),
-    )
 }
 
 /// Boots `image` on one vCPU until `needle` appears on the serial console

@@ -65,6 +65,12 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The host's PCI devices as the daemon sees them: assignable or why
+    /// not, and which partition holds each.
+    Devices {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// What this host offers partitions: cores with their SMT siblings, NUMA
     /// nodes with memory and hugepages, isolated CPUs, PCI devices.
     Topology(aivmm::host::cli::TopologyArgs),
@@ -171,6 +177,7 @@ fn main() -> ExitCode {
         Command::Complete { client, args } => cli::complete(&client, &args).map_err(Into::into),
         Command::Stats { client } => cli::stats(&client).map_err(Into::into),
         Command::Health { client } => cli::health(&client).map_err(Into::into),
+        Command::Devices { client } => cli::devices(&client).map_err(Into::into),
         Command::Topology(args) => {
             aivmm::host::cli::cmd_topology(&args, &mut std::io::stdout().lock()).map_err(Into::into)
         }

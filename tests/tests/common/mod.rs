@@ -98,3 +98,53 @@ pub fn with_greedy_host_engine<R>(
     .unwrap();
     f(&mut engine)
 }
+
+/// The Debian kernel of images/fetch-kernel.sh (fetched with apt, cached).
+pub struct Kernel {
+    pub bzimage: PathBuf,
+    pub vmlinux: PathBuf,
+}
+
+/// The Debian kernel, or None (with a printed reason) when it cannot be
+/// fetched outside CI.
+pub fn debian_kernel(test: &str) -> Option<&'static Kernel> {
+    static KERNEL: OnceLock<Result<Kernel, String>> = OnceLock::new();
+    let result = KERNEL.get_or_init(|| {
+        let out = Command::new(repo_root().join("images/fetch-kernel.sh"))
+            .output()
+            .map_err(|error| format!("cannot run images/fetch-kernel.sh: {error}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "images/fetch-kernel.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut lines = stdout.lines();
+        let (Some(bzimage), Some(vmlinux)) = (lines.next(), lines.next()) else {
+            return Err(format!("images/fetch-kernel.sh printed {stdout:?}"));
+        };
+        Ok(Kernel {
+            bzimage: PathBuf::from(bzimage),
+            vmlinux: PathBuf::from(vmlinux),
+        })
+    });
+    match result {
+        Ok(kernel) => Some(kernel),
+        Err(reason) if in_ci() => panic!("{test}: {reason}"),
+        Err(reason) => {
+            eprintln!("{test}: SKIPPED: {reason} (set CI=true to make this a failure)");
+            None
+        }
+    }
+}
+
+/// A duration in seconds from the environment variable `name`, or `default`.
+pub fn seconds_from_env(name: &str, default: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default),
+    )
+}

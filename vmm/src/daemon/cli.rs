@@ -1,6 +1,7 @@
 //! The daemon's operations from the shell: `aivmm partition ...`, `aivmm
-//! model ...`, `aivmm complete`, `aivmm stats`, `aivmm health`, over the API
-//! socket, printing tables (or the API's JSON with `--json`).
+//! model ...`, `aivmm complete`, `aivmm stats`, `aivmm health`, `aivmm
+//! devices`, over the API socket, printing tables (or the API's JSON with
+//! `--json`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -47,14 +48,37 @@ pub enum PartitionCommand {
     Delete {
         id: String,
     },
+    /// The end of a Linux partition's serial console log.
+    Console {
+        id: String,
+        /// At most this many bytes, from the end.
+        #[arg(long, default_value_t = 16384)]
+        bytes: u64,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct CreateArgs {
     pub id: String,
-    /// A model name (see `aivmm model list`), "default", or an absolute path to a GGUF file.
-    #[arg(long, short = 'm', default_value = "default")]
-    pub model: String,
+    /// A model name (see `aivmm model list`), "default", or an absolute path
+    /// to a GGUF file (default: "default", unless --kernel).
+    #[arg(long, short = 'm', conflicts_with = "kernel")]
+    pub model: Option<String>,
+    /// Boot this Linux kernel (vmlinux or bzImage) instead of a model.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel (default: serial console on ttyS0).
+    #[arg(long, requires = "kernel")]
+    pub cmdline: Option<String>,
+    /// Entry point of --kernel: auto, linux64 or pvh.
+    #[arg(long, requires = "kernel", default_value = "auto", value_parser = parse_protocol)]
+    pub boot_protocol: BootProtocol,
+    /// A host PCI device to pass through to the Linux guest (repeatable).
+    #[arg(long = "device", requires = "kernel")]
+    pub devices: Vec<String>,
     #[arg(long)]
     pub vcpus: Option<u32>,
     /// Host CPUs, one per vCPU: "2,3" or "2-5".
@@ -123,6 +147,18 @@ pub enum CliError {
     Completion(String),
 }
 
+fn parse_protocol(text: &str) -> Result<BootProtocol, String> {
+    serde_json::from_value(serde_json::Value::String(text.into()))
+        .map_err(|_| format!("{text:?}: use auto, linux64 or pvh"))
+}
+
+/// An absolute path for the daemon (which has its own working directory).
+fn absolute(path: &std::path::Path) -> Result<String, CliError> {
+    std::path::absolute(path)
+        .map(|path| path.display().to_string())
+        .map_err(|error| CliError::Usage(format!("{}: {error}", path.display())))
+}
+
 fn client(args: &ClientArgs) -> Result<Client, CliError> {
     Ok(Client::new(&args.api_sock)?)
 }
@@ -181,7 +217,10 @@ fn partition_rows(list: &[PartitionInfo]) {
             vec![
                 p.id.clone(),
                 p.state.as_str().into(),
-                p.model.clone(),
+                match &p.linux {
+                    Some(linux) => format!("linux {}", linux.kernel),
+                    None => p.model.clone(),
+                },
                 p.vcpus.to_string(),
                 cpu_list(&p.host_cpus),
                 format!(
@@ -241,9 +280,23 @@ pub fn partition(args: &ClientArgs, command: &PartitionCommand) -> Result<(), Cl
                 .transpose()
                 .map_err(|e| CliError::Usage(e.to_string()))?
                 .map(|bytes| bytes >> 20);
+            let linux = match &create.kernel {
+                Some(kernel) => Some(LinuxSpec {
+                    kernel: absolute(kernel)?,
+                    initrd: create.initrd.as_deref().map(absolute).transpose()?,
+                    cmdline: create.cmdline.clone(),
+                    boot_protocol: create.boot_protocol,
+                }),
+                None => None,
+            };
             let spec = PartitionSpec {
                 id: create.id.clone(),
-                model: create.model.clone(),
+                model: match linux {
+                    Some(_) => None,
+                    None => Some(create.model.clone().unwrap_or_else(|| "default".into())),
+                },
+                linux,
+                devices: create.devices.clone(),
                 vcpus: create.vcpus,
                 cores,
                 memory_mib,
@@ -289,7 +342,64 @@ pub fn partition(args: &ClientArgs, command: &PartitionCommand) -> Result<(), Cl
                 Ok(())
             }
         }
+        PartitionCommand::Console { id, bytes } => {
+            let tail: ConsoleTail = client.call(
+                "GET",
+                &format!("/partitions/{id}/console?bytes={bytes}"),
+                none,
+            )?;
+            if args.json {
+                print_json(&tail)
+            } else {
+                let mut out = std::io::stdout().lock();
+                out.write_all(tail.text.as_bytes())?;
+                out.flush()?;
+                Ok(())
+            }
+        }
     }
+}
+
+/// `aivmm devices`: the host's PCI devices, whether each can be passed
+/// through, and which partition holds it.
+pub fn devices(args: &ClientArgs) -> Result<(), CliError> {
+    let none: Option<&()> = None;
+    let devices: Vec<DeviceInfo> = client(args)?.call("GET", "/devices", none)?;
+    if args.json {
+        return print_json(&devices);
+    }
+    let rows: Vec<Vec<String>> = devices
+        .iter()
+        .map(|d| {
+            vec![
+                d.address.clone(),
+                format!("{:04x}:{:04x}", d.vendor, d.device),
+                format!("{:06x}", d.class),
+                d.numa_node.map_or("-".into(), |n| n.to_string()),
+                d.driver.clone().unwrap_or_else(|| "-".into()),
+                d.iommu_group.map_or("-".into(), |g| g.to_string()),
+                d.owner.clone().unwrap_or_else(|| "-".into()),
+                match &d.not_assignable {
+                    None => "yes".into(),
+                    Some(why) => format!("no: {why}"),
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ADDRESS",
+            "ID",
+            "CLASS",
+            "NODE",
+            "DRIVER",
+            "GROUP",
+            "OWNER",
+            "ASSIGNABLE",
+        ],
+        &rows,
+    );
+    Ok(())
 }
 
 pub fn model(args: &ClientArgs, command: &ModelCommand) -> Result<(), CliError> {
@@ -492,4 +602,58 @@ pub fn health(args: &ClientArgs) -> Result<(), CliError> {
         uptime(Some(health.uptime_secs))
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(subcommand)]
+        partition: PartitionCommand,
+    }
+
+    fn create(args: &[&str]) -> Result<CreateArgs, clap::Error> {
+        let argv = ["aivmm", "create"].iter().chain(args).copied();
+        match Command::try_parse_from(argv)?.partition {
+            PartitionCommand::Create(create) => Ok(create),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn linux_partitions_take_a_kernel_and_devices_instead_of_a_model() {
+        let lx = create(&[
+            "lx",
+            "--kernel",
+            "/boot/vmlinuz",
+            "--cmdline",
+            "console=ttyS0",
+            "--boot-protocol",
+            "linux64",
+            "--device",
+            "0000:17:00.0",
+            "--device",
+            "0000:ca:00.0",
+        ])
+        .unwrap();
+        assert_eq!(
+            lx.kernel.as_deref(),
+            Some(std::path::Path::new("/boot/vmlinuz"))
+        );
+        assert_eq!(lx.boot_protocol, BootProtocol::Linux64);
+        assert_eq!(lx.devices, ["0000:17:00.0", "0000:ca:00.0"]);
+        assert_eq!(lx.model, None);
+        assert_eq!(create(&["m"]).unwrap().boot_protocol, BootProtocol::Auto);
+        for bad in [
+            &["x", "--kernel", "/k", "--model", "tiny"][..],
+            &["x", "--device", "0000:17:00.0"],
+            &["x", "--initrd", "/i"],
+            &["x", "--kernel", "/k", "--boot-protocol", "efi"],
+        ] {
+            assert!(create(bad).is_err(), "{bad:?}");
+        }
+    }
 }

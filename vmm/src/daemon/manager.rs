@@ -19,10 +19,12 @@ use aivmm_api::types::*;
 use aivmm_api::{ApiError, ErrorCode};
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use super::devices::DeviceClaims;
+use super::linux;
 use super::metrics::{self, MetricsRow};
 use super::models::{self, ModelRegistry};
 use super::state::{self, SavedPartition, SavedState, StateError};
-use super::worker::{self, BootPlan, Shared, Worker, WorkerMessage};
+use super::worker::{self, Plan, Shared, Worker, WorkerMessage};
 use crate::host::{HugepageSize, PlacementError, PlacementRequest, Placer};
 
 /// Completions a partition holds (running and waiting) before it answers
@@ -50,6 +52,10 @@ pub struct Manager {
     state_file: Option<PathBuf>,
     /// What the state file holds (None: unknown, write it).
     last_saved: Option<SavedState>,
+    /// Host PCI devices held by partitions.
+    devices: DeviceClaims,
+    /// Where Linux partitions' console logs go: beside the state file.
+    console_dir: PathBuf,
 }
 
 impl Manager {
@@ -60,11 +66,16 @@ impl Manager {
     pub fn new(
         models: ModelRegistry,
         placer: Placer,
+        devices: DeviceClaims,
         state_file: Option<PathBuf>,
     ) -> Result<Manager, StateError> {
         let saved = match &state_file {
             Some(path) => state::load(path)?,
             None => None,
+        };
+        let console_dir = match &state_file {
+            Some(path) => state::console_dir(path),
+            None => std::env::temp_dir().join(format!("aivmm-console-{}", std::process::id())),
         };
         let mut manager = Manager {
             partitions: BTreeMap::new(),
@@ -74,6 +85,8 @@ impl Manager {
             deleting: Vec::new(),
             state_file,
             last_saved: None,
+            devices,
+            console_dir,
         };
         if let Some(saved) = saved {
             for partition in saved.partitions {
@@ -106,6 +119,35 @@ impl Manager {
         if self.partitions.contains_key(id) {
             return Err("the state file has it twice".into());
         }
+        if let Some(spec) = &saved.spec.linux {
+            let mut plan = linux::plan(
+                spec,
+                &saved.spec.devices,
+                saved.placement.host_cpus.len() as u32,
+                saved.spec.memory_mib,
+                self.console_log(id).map_err(|error| error.message)?,
+            )
+            .map_err(|error| error.message)?;
+            self.placer.restore(id, &saved.placement)?;
+            if let Err(error) = self.devices.claim(
+                id,
+                &plan.devices,
+                plan.memory_bytes,
+                Some(saved.placement.node),
+            ) {
+                let _ = self.placer.release(id);
+                return Err(error.message);
+            }
+            plan.host_cpus = saved.placement.host_cpus.clone();
+            plan.numa_node = Some(saved.placement.node);
+            if let Err(error) =
+                self.spawn(saved.spec.clone(), Plan::Linux(plan), saved.running, None)
+            {
+                self.forget(id);
+                return Err(error.message);
+            }
+            return Ok(());
+        }
         let model = models::describe(&saved.model_name, Path::new(&saved.model_path))
             .map_err(|error| error.message)?;
         let mut plan = worker::plan(
@@ -126,7 +168,12 @@ impl Manager {
         }
         plan.host_cpus = saved.placement.host_cpus.clone();
         plan.numa_node = Some(saved.placement.node);
-        if let Err(error) = self.spawn(saved.spec.clone(), plan, saved.running, None) {
+        if let Err(error) = self.spawn(
+            saved.spec.clone(),
+            Plan::Inference(plan),
+            saved.running,
+            None,
+        ) {
             let _ = self.placer.release(id);
             return Err(error.message);
         }
@@ -141,11 +188,19 @@ impl Manager {
             .filter_map(|(id, handle)| {
                 let placement = self.placer.allocations().get(id)?.clone();
                 let status = handle.shared.status();
+                let (model_name, model_path, context_length) = match &status.plan {
+                    Plan::Inference(plan) => (
+                        plan.model.name.clone(),
+                        plan.model.path.clone(),
+                        plan.setup.n_ctx,
+                    ),
+                    Plan::Linux(_) => (String::new(), String::new(), 0),
+                };
                 Some(SavedPartition {
                     spec: handle.shared.spec.clone(),
-                    model_name: status.plan.model.name.clone(),
-                    model_path: status.plan.model.path.clone(),
-                    context_length: status.plan.setup.n_ctx,
+                    model_name,
+                    model_path,
+                    context_length,
                     placement,
                     running: handle.wants_running,
                 })
@@ -179,12 +234,40 @@ impl Manager {
         }
     }
 
-    /// Frees the placements of deleted partitions whose worker has stopped them.
+    /// Frees what a partition that never ran, or has stopped for good, holds.
+    fn forget(&mut self, id: &str) {
+        let _ = self.placer.release(id);
+        self.devices.release(id);
+    }
+
+    /// Where the console of Linux partition `id` goes (the directory is made here).
+    fn console_log(&self, id: &str) -> Result<PathBuf, ApiError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.console_dir)
+            .map_err(|error| {
+                ApiError::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "cannot create the console log directory {}: {error}",
+                        self.console_dir.display()
+                    ),
+                )
+            })?;
+        Ok(self.console_dir.join(format!("{id}.log")))
+    }
+
+    /// Frees the placements and devices of deleted partitions whose worker
+    /// has stopped them.
     fn reap(&mut self) {
         let placer = &mut self.placer;
+        let devices = &mut self.devices;
         self.deleting.retain(|shared| {
             if shared.ended.load(Ordering::SeqCst) {
                 let _ = placer.release(&shared.id);
+                devices.release(&shared.id);
                 false
             } else {
                 true
@@ -247,6 +330,13 @@ impl Manager {
             ApiRequest::Complete(job, reply) => {
                 let _ = reply.send(self.complete(*job));
             }
+            ApiRequest::Console(id, bytes, reply) => {
+                let _ = reply.send(self.console(&id, bytes));
+            }
+            ApiRequest::ListDevices(reply) => {
+                self.reap();
+                let _ = reply.send(self.devices.list());
+            }
             ApiRequest::Stats(reply) => {
                 let _ = reply.send(Ok(self.stats()));
             }
@@ -299,6 +389,15 @@ impl Manager {
                 Some(cores) => cores.len() as u32,
                 None => spec.vcpus.unwrap_or(1),
             };
+            if let Some(linux) = &spec.linux {
+                return self.create_linux(&spec, linux, vcpus);
+            }
+            if !spec.devices.is_empty() {
+                return Err(ApiError::invalid(
+                    "devices",
+                    "only Linux partitions take PCI devices (give `linux` instead of `model`)",
+                ));
+            }
             let param = if spec.cores.is_some() {
                 "cores"
             } else {
@@ -310,7 +409,13 @@ impl Manager {
                     format!("must be 1 to {} vCPUs", aivmm_guest_abi::MAX_VCPUS),
                 ));
             }
-            let model = self.models.resolve(&spec.model, "model")?;
+            let Some(model) = &spec.model else {
+                return Err(ApiError::invalid(
+                    "model",
+                    "give `model` (a model name or GGUF file) or `linux` (a kernel to boot)",
+                ));
+            };
+            let model = self.models.resolve(model, "model")?;
             if let Err(error) = self.placer.refresh_hugepages() {
                 eprintln!("aivmm serve: cannot read the hugepage pools again ({error}); placing with the counts read before");
             }
@@ -338,7 +443,7 @@ impl Manager {
                 .map_err(|error| placement_error(&spec.id, error))?;
             plan.host_cpus = placement.host_cpus;
             plan.numa_node = Some(placement.node);
-            Ok(plan)
+            Ok(Plan::Inference(plan))
         })();
         let plan = match result {
             Ok(plan) => plan,
@@ -353,8 +458,75 @@ impl Manager {
             Ok(()) => self.save(),
             Err(_) => {
                 // spawn answered the reply.
-                let _ = self.placer.release(&id);
+                self.forget(&id);
             }
+        }
+    }
+
+    /// Checks, places and claims the devices of a Linux partition, all or
+    /// nothing: placement first (on the node of its devices unless the spec
+    /// names one), then the devices.
+    fn create_linux(
+        &mut self,
+        spec: &PartitionSpec,
+        linux: &LinuxSpec,
+        vcpus: u32,
+    ) -> Result<Plan, ApiError> {
+        let mut plan = linux::plan(
+            linux,
+            &spec.devices,
+            vcpus,
+            spec.memory_mib,
+            self.console_log(&spec.id)?,
+        )?;
+        // Before placement, so that a held device is named even when the
+        // cores are taken too.
+        self.devices.check_free(&spec.id, &plan.devices)?;
+        let numa_node = spec.numa_node.or_else(|| {
+            plan.devices
+                .iter()
+                .find_map(|bdf| self.devices.node_of(bdf))
+                .filter(|node| self.placer.topology().node(*node).is_some())
+        });
+        let request = PlacementRequest {
+            vcpus: if spec.cores.is_some() {
+                spec.vcpus
+            } else {
+                Some(vcpus)
+            },
+            cores: spec.cores.clone(),
+            memory_bytes: plan.memory_bytes,
+            hugepages: None,
+            numa_node,
+        };
+        let placement = self
+            .placer
+            .place(&spec.id, &request)
+            .map_err(|error| placement_error(&spec.id, error))?;
+        if let Err(error) = self.devices.claim(
+            &spec.id,
+            &plan.devices,
+            plan.memory_bytes,
+            Some(placement.node),
+        ) {
+            let _ = self.placer.release(&spec.id);
+            return Err(error);
+        }
+        plan.host_cpus = placement.host_cpus;
+        plan.numa_node = Some(placement.node);
+        Ok(Plan::Linux(plan))
+    }
+
+    fn console(&self, id: &str, bytes: u64) -> Result<ConsoleTail, ApiError> {
+        let handle = self.handle_of(id)?;
+        match &handle.shared.status().plan {
+            Plan::Linux(plan) => linux::console_tail(id, &plan.console_log, bytes),
+            Plan::Inference(_) => Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "partition {id} is an inference partition: only Linux partitions have a serial console log"
+                ),
+            )),
         }
     }
 
@@ -364,7 +536,7 @@ impl Manager {
     fn spawn(
         &mut self,
         spec: PartitionSpec,
-        plan: BootPlan,
+        plan: Plan,
         start: bool,
         reply: Option<Reply<PartitionInfo>>,
     ) -> Result<(), ApiError> {
@@ -468,7 +640,10 @@ impl Manager {
         let result = (|| {
             let (current, memory_mib) = {
                 let handle = self.handle_of(id)?;
-                let current = handle.shared.status().plan.clone();
+                let current = match &handle.shared.status().plan {
+                    Plan::Inference(plan) => plan.clone(),
+                    Plan::Linux(_) => return Err(worker::linux_has_no_model(id)),
+                };
                 (current, handle.shared.spec.memory_mib)
             };
             let model = self.models.resolve(&swap.model, "model")?;
@@ -515,11 +690,13 @@ impl Manager {
         let mut models = self.models.list();
         for handle in self.partitions.values() {
             let status = handle.shared.status();
-            let name = &status.plan.model.name;
-            match models.iter_mut().find(|m| &m.name == name) {
+            let Some(served) = status.plan.model() else {
+                continue;
+            };
+            match models.iter_mut().find(|m| m.name == served.name) {
                 Some(model) => model.used_by.push(handle.shared.id.clone()),
                 None => {
-                    let mut model = status.plan.model.clone();
+                    let mut model = served.clone();
                     model.used_by = vec![handle.shared.id.clone()];
                     models.push(model);
                 }
@@ -539,7 +716,10 @@ impl Manager {
         let handle = &self.partitions[&id];
         let (state, model) = {
             let status = handle.shared.status();
-            (status.state, status.plan.model.name.clone())
+            match status.plan.model() {
+                Some(model) => (status.state, model.name.clone()),
+                None => return Err(worker::linux_has_no_model(&id)),
+            }
         };
         match state {
             PartitionState::Running | PartitionState::Starting => {}
@@ -599,7 +779,7 @@ impl Manager {
             .values()
             .filter(|h| {
                 let status = h.shared.status();
-                status.plan.model.name == name && status.state == PartitionState::Running
+                status.plan.model_name() == name && status.state == PartitionState::Running
             })
             .min_by_key(|h| h.shared.metrics.queue_depth.load(Ordering::SeqCst));
         match serving {
@@ -609,7 +789,11 @@ impl Manager {
                     .partitions
                     .values()
                     .filter(|h| h.shared.status().state == PartitionState::Running)
-                    .map(|h| format!("{} ({})", h.shared.id, h.shared.status().plan.model.name))
+                    .filter_map(|h| {
+                        let status = h.shared.status();
+                        let model = status.plan.model()?;
+                        Some(format!("{} ({})", h.shared.id, model.name))
+                    })
                     .collect();
                 Err(ApiError {
                     code: ErrorCode::NotFound,
@@ -635,7 +819,7 @@ impl Manager {
                     PartitionStats {
                         id: handle.shared.id.clone(),
                         state: status.state,
-                        model: status.plan.model.name.clone(),
+                        model: status.plan.model_name().to_string(),
                         counters: snapshot.counters,
                         tokens_per_sec: snapshot.tokens_per_sec,
                         jitter_ms: snapshot.token_latency_ms.p99 - snapshot.token_latency_ms.p50,
@@ -658,7 +842,7 @@ impl Manager {
             .values()
             .map(|h| {
                 let status = h.shared.status();
-                (status.state, status.plan.model.name.clone())
+                (status.state, status.plan.model_name().to_string())
             })
             .collect();
         let rows: Vec<MetricsRow<'_>> = self
@@ -769,7 +953,8 @@ mod tests {
 
     fn manager(model: &Path, placer: Placer, state: &Path) -> Manager {
         let models = ModelRegistry::new(None, &[("tiny".into(), model.into())]);
-        Manager::new(models, placer, Some(state.into())).unwrap()
+        let devices = DeviceClaims::new(placer.topology().root.clone());
+        Manager::new(models, placer, devices, Some(state.into())).unwrap()
     }
 
     fn spec(id: &str, extra: &str) -> PartitionSpec {
@@ -829,9 +1014,17 @@ mod tests {
         let mut m = manager(&model, placer("this-machine"), &state_file);
         let a = create(&mut m, spec("a", "")).unwrap();
         assert_eq!(
-            (a.host_cpus, a.numa_node, a.state),
-            (vec![0], Some(0), PartitionState::Stopped)
+            (a.host_cpus, a.numa_node, a.state, a.kind),
+            (
+                vec![0],
+                Some(0),
+                PartitionState::Stopped,
+                PartitionKind::Inference
+            )
         );
+        let error = m.console("a", 100).unwrap_err();
+        assert_eq!(error.code, ErrorCode::Conflict);
+        assert!(error.message.contains("only Linux partitions"), "{error}");
         let error = create(&mut m, spec("b", r#", "hugepages": true"#)).unwrap_err();
         assert_eq!(error.code, ErrorCode::ResourcesExhausted);
         assert!(
@@ -893,16 +1086,220 @@ mod tests {
         assert!(saved(&state_file).is_empty());
     }
 
+    /// The two-socket fixture made ready for passthrough of 0000:ca:00.0
+    /// (node 1, IOMMU group 70, on vfio-pci, /dev/vfio/70 there); 0000:17:00.0
+    /// is on vfio-pci too but its group's /dev/vfio node is missing.
+    fn passthrough_host(test: &str) -> crate::host::Scratch {
+        use std::os::unix::fs::symlink;
+        let host = crate::host::Scratch::of("two-socket-smt", test);
+        let sys = host.0.join("sys");
+        std::fs::create_dir_all(sys.join("bus/pci/drivers/vfio-pci")).unwrap();
+        symlink(
+            "../../../bus/pci/drivers/vfio-pci",
+            sys.join("bus/pci/devices/0000:ca:00.0/driver"),
+        )
+        .unwrap();
+        for (group, device) in [(70, "0000:ca:00.0"), (21, "0000:17:00.0")] {
+            let members = sys.join(format!("kernel/iommu_groups/{group}/devices"));
+            std::fs::create_dir_all(&members).unwrap();
+            symlink(
+                sys.join("bus/pci/devices").join(device),
+                members.join(device),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir_all(host.0.join("dev/vfio")).unwrap();
+        std::fs::write(host.0.join("dev/vfio/70"), "").unwrap();
+        host
+    }
+
+    fn linux_manager(root: &Path, state: &Path) -> Manager {
+        let limits = aivmm_passthrough::preflight::ProcessLimits {
+            memlock_bytes: None,
+            cap_ipc_lock: false,
+        };
+        let placer = Placer::new(Topology::discover(root).unwrap());
+        let devices = DeviceClaims::with_limits(root.into(), limits);
+        Manager::new(
+            ModelRegistry::new(None, &[]),
+            placer,
+            devices,
+            Some(state.into()),
+        )
+        .unwrap()
+    }
+
+    fn linux_spec(id: &str, kernel: &Path, devices: &[&str]) -> PartitionSpec {
+        serde_json::from_value(serde_json::json!({
+            "id": id,
+            "linux": { "kernel": kernel },
+            "devices": devices,
+            "start": false,
+        }))
+        .unwrap()
+    }
+
+    fn owners(manager: &Manager) -> Vec<(String, Option<String>)> {
+        manager
+            .devices
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.address, d.owner))
+            .collect()
+    }
+
+    #[test]
+    fn one_device_belongs_to_one_partition_and_claims_survive_a_restart() {
+        let host = passthrough_host("claims");
+        let scratch = Scratch::new("claims");
+        let kernel = scratch.0.join("vmlinux");
+        std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00").unwrap();
+        let state_file = scratch.0.join("aivmm.state.json");
+        let gpu = "0000:ca:00.0";
+
+        let mut m = linux_manager(&host.0, &state_file);
+        let a = create(&mut m, linux_spec("a", &kernel, &[gpu])).unwrap();
+        assert_eq!(a.kind, PartitionKind::Linux);
+        assert_eq!(a.devices, vec![gpu.to_string()]);
+        // Placed next to the device.
+        assert_eq!(a.numa_node, Some(1));
+        assert_eq!(
+            a.linux.as_ref().unwrap().kernel,
+            kernel.display().to_string()
+        );
+
+        // A second partition asking for it is refused, naming the holder,
+        // and keeps nothing.
+        let error = create(&mut m, linux_spec("b", &kernel, &[gpu])).unwrap_err();
+        assert_eq!(
+            (error.code, error.param.as_deref()),
+            (ErrorCode::Conflict, Some("devices"))
+        );
+        assert!(error.message.contains("belongs to partition a"), "{error}");
+        assert!(!m.placer.allocations().contains_key("b"));
+
+        // A device that fails the preflight: the preflight's message, and
+        // the placement is given back.
+        let error = create(&mut m, linux_spec("c", &kernel, &["0000:17:00.0"])).unwrap_err();
+        assert_eq!(
+            (error.code, error.param.as_deref()),
+            (ErrorCode::InvalidRequest, Some("devices"))
+        );
+        assert!(error.message.contains("load the VFIO modules"), "{error}");
+        assert!(!m.placer.allocations().contains_key("c"));
+        // All or nothing: the free device is not kept when another fails.
+        let error = create(&mut m, linux_spec("c", &kernel, &["0000:17:00.0", gpu])).unwrap_err();
+        assert_eq!(error.code, ErrorCode::Conflict);
+
+        // Inference partitions take no devices.
+        let mut model_spec = linux_spec("d", &kernel, &[gpu]);
+        model_spec.linux = None;
+        model_spec.model = Some("tiny".into());
+        let error = create(&mut m, model_spec).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("devices"));
+
+        let listed = owners(&m);
+        assert!(
+            listed.contains(&(gpu.into(), Some("a".into()))),
+            "{listed:?}"
+        );
+        assert!(
+            listed.contains(&("0000:17:00.0".into(), None)),
+            "{listed:?}"
+        );
+        drop(m);
+
+        // A restarted daemon holds the claim again.
+        let mut m = linux_manager(&host.0, &state_file);
+        assert_eq!(m.devices.holder(&gpu.parse().unwrap()), Some("a"));
+        let restored = m.partitions["a"].shared.info();
+        assert_eq!(
+            (restored.kind, restored.devices),
+            (PartitionKind::Linux, vec![gpu.to_string()])
+        );
+        let error = create(&mut m, linux_spec("b", &kernel, &[gpu])).unwrap_err();
+        assert_eq!(error.code, ErrorCode::Conflict);
+
+        // Deleting releases it for the next partition.
+        delete(&mut m, "a").unwrap();
+        let b = create(&mut m, linux_spec("b", &kernel, &[gpu])).unwrap();
+        assert_eq!(b.devices, vec![gpu.to_string()]);
+        assert!(owners(&m).contains(&(gpu.into(), Some("b".into()))));
+        drop(m);
+
+        // This machine has no IOMMU: the preflight says what to enable.
+        let this = crate::host::fixture("this-machine");
+        let mut m = linux_manager(&this, &scratch.0.join("other.state.json"));
+        let error = create(&mut m, linux_spec("e", &kernel, &["0000:00:03.0"])).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("devices"));
+        assert!(
+            error.message.contains("the IOMMU is not enabled"),
+            "{error}"
+        );
+        assert!(m.partitions.is_empty() && m.placer.allocations().is_empty());
+    }
+
+    #[test]
+    fn linux_partitions_refuse_model_operations() {
+        let scratch = Scratch::new("linux-refusals");
+        let kernel = scratch.0.join("vmlinux");
+        std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00").unwrap();
+        let this = crate::host::fixture("this-machine");
+        let mut m = linux_manager(&this, &scratch.0.join("aivmm.state.json"));
+        create(&mut m, linux_spec("l", &kernel, &[])).unwrap();
+        let error = m.console("l", 100).unwrap();
+        assert_eq!((error.size_bytes, error.text.as_str()), (0, ""));
+
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        m.swap(
+            "l",
+            ModelSwap {
+                model: "tiny".into(),
+                context_length: None,
+            },
+            reply,
+        );
+        let error = answer.blocking_recv().unwrap().unwrap_err();
+        assert_eq!(error.code, ErrorCode::Conflict);
+        assert!(error.message.contains("runs a Linux guest"), "{error}");
+        assert!(m.list_models().is_empty());
+
+        let script = scratch.0.join("script.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        let error = create(&mut m, linux_spec("x", &script, &[])).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("linux.kernel"));
+        assert!(
+            error
+                .message
+                .contains("script.sh is not a Linux kernel image"),
+            "{error}"
+        );
+        // Its one core is still free for the next one.
+        assert_eq!(
+            create(&mut m, linux_spec("y", &kernel, &[]))
+                .unwrap()
+                .host_cpus,
+            vec![1]
+        );
+    }
+
     #[test]
     fn a_corrupt_state_file_stops_the_daemon_instead_of_being_overwritten() {
         let scratch = Scratch::new("corrupt");
         let state_file = scratch.0.join("aivmm.state.json");
         std::fs::write(&state_file, "{not json").unwrap();
         let models = ModelRegistry::new(None, &[]);
-        let error = Manager::new(models, placer("this-machine"), Some(state_file.clone()))
-            .err()
-            .unwrap()
-            .to_string();
+        let devices = DeviceClaims::new(crate::host::fixture("this-machine"));
+        let error = Manager::new(
+            models,
+            placer("this-machine"),
+            devices,
+            Some(state_file.clone()),
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(error.contains("aivmm.state.json is not valid"), "{error}");
         assert_eq!(std::fs::read_to_string(&state_file).unwrap(), "{not json");
     }

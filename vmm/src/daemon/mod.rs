@@ -4,6 +4,8 @@
 //! through one worker thread each ([`worker`]).
 
 pub mod cli;
+pub mod devices;
+pub mod linux;
 pub mod manager;
 pub mod metrics;
 pub mod models;
@@ -170,7 +172,8 @@ pub fn serve(
     }
 
     let (requests, inbox) = tokio::sync::mpsc::unbounded_channel();
-    let manager = manager::Manager::new(registry, placer, Some(state_file))?;
+    let devices = devices::DeviceClaims::new(args.sysfs_root.clone());
+    let manager = manager::Manager::new(registry, placer, devices, Some(state_file))?;
     let manager_thread = std::thread::Builder::new()
         .name("partition-manager".into())
         .spawn(move || manager.run(inbox))

@@ -26,9 +26,13 @@ pub struct SavedState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavedPartition {
     pub spec: PartitionSpec,
-    /// The model it served when saved (a swap changes it from the spec's).
+    /// The model it served when saved (a swap changes it from the spec's);
+    /// empty for a Linux partition, which the spec describes whole.
+    #[serde(default)]
     pub model_name: String,
+    #[serde(default)]
     pub model_path: String,
+    #[serde(default)]
     pub context_length: u32,
     pub placement: Placement,
     /// Started (and not stopped since) through the API: booted again on restore.
@@ -124,6 +128,17 @@ pub fn save(path: &Path, state: &SavedState) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Where the console logs of Linux partitions go: a directory beside the
+/// state file (`/run/aivmm.state.json` -> `/run/aivmm.console/`).
+pub fn console_dir(state_file: &Path) -> PathBuf {
+    let name = state_file
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".state.json").unwrap_or(&name);
+    state_file.with_file_name(format!("{stem}.console"))
+}
+
 /// Where the state goes by default: beside the API socket
 /// (`/run/aivmm.sock` -> `/run/aivmm.state.json`).
 pub fn default_path(api_sock: &Path) -> PathBuf {
@@ -186,6 +201,14 @@ mod tests {
         assert_eq!(
             default_path(Path::new("/run/aivmm.sock")),
             Path::new("/run/aivmm.state.json")
+        );
+        assert_eq!(
+            console_dir(Path::new("/run/aivmm.state.json")),
+            Path::new("/run/aivmm.console")
+        );
+        assert_eq!(
+            console_dir(Path::new("/tmp/s.json")),
+            Path::new("/tmp/s.json.console")
         );
         let _ = fs::remove_dir_all(&dir);
     }

@@ -7,11 +7,12 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aivmm_api::request::{ChatRole, CompletionJob, Prompt as ApiPrompt, Reply, StreamEvent};
 use aivmm_api::types::{
-    CompletionResult, FinishReason, ModelInfo, PartitionInfo, PartitionSpec, PartitionState,
+    CompletionResult, FinishReason, LinuxExits, LinuxStatus, ModelInfo, PartitionInfo,
+    PartitionKind, PartitionSpec, PartitionState,
 };
 use aivmm_api::{ApiError, ErrorCode};
 use aivmm_engine::chat::{ChatTemplate, Message, Role};
@@ -19,6 +20,7 @@ use aivmm_engine::generate::{Flow, StopReason};
 use aivmm_engine::sampling::SamplerConfig;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::linux::{self, LinuxPlan, LinuxRun};
 use super::metrics::{CompletionRecord, Outcome, PartitionMetrics};
 use super::stop_strings::StopStrings;
 use crate::host_engine::MappedModel;
@@ -46,6 +48,52 @@ pub struct BootPlan {
     pub hugepages: bool,
     pub setup: InferenceSetup,
     pub template: ChatTemplate,
+}
+
+/// What a partition boots: the inference kernel with a model, or a Linux guest.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    Inference(BootPlan),
+    Linux(LinuxPlan),
+}
+
+impl Plan {
+    pub fn kind(&self) -> PartitionKind {
+        match self {
+            Plan::Inference(_) => PartitionKind::Inference,
+            Plan::Linux(_) => PartitionKind::Linux,
+        }
+    }
+
+    /// The model it serves (None for a Linux guest).
+    pub fn model(&self) -> Option<&ModelInfo> {
+        match self {
+            Plan::Inference(plan) => Some(&plan.model),
+            Plan::Linux(_) => None,
+        }
+    }
+
+    /// The model's name, or "" for a Linux guest.
+    pub fn model_name(&self) -> &str {
+        self.model().map_or("", |model| model.name.as_str())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        match self {
+            Plan::Inference(plan) => plan.memory_bytes,
+            Plan::Linux(plan) => plan.memory_bytes,
+        }
+    }
+
+    /// Where the placer put it.
+    pub fn place(&mut self, host_cpus: Vec<usize>, node: u32) {
+        let (cpus, numa_node) = match self {
+            Plan::Inference(plan) => (&mut plan.host_cpus, &mut plan.numa_node),
+            Plan::Linux(plan) => (&mut plan.host_cpus, &mut plan.numa_node),
+        };
+        *cpus = host_cpus;
+        *numa_node = Some(node);
+    }
 }
 
 /// Sizes a partition for `model` on the host (the model is mapped and
@@ -103,13 +151,11 @@ pub fn set_isolation(cgroup: bool, seccomp: bool) {
 /// swap runs two at once) and under seccomp.
 fn boot(plan: &BootPlan, id: &str) -> Result<InferencePartition, String> {
     let numa_node = plan.numa_node;
-    static BOOTS: AtomicU64 = AtomicU64::new(0);
-    let (cgroup, seccomp) = *ISOLATION.get_or_init(|| (true, true));
-    let name = format!("{id}-{}", BOOTS.fetch_add(1, Ordering::Relaxed));
+    let (_, seccomp) = *ISOLATION.get_or_init(|| (true, true));
     let config = PartitionConfig {
         numa_node,
         isolation: IsolationConfig {
-            cgroup: cgroup.then_some(CgroupRequest {
+            cgroup: cgroup_name(id).map(|name| CgroupRequest {
                 name,
                 scope: CgroupScope::Threads,
                 memory_limit: None,
@@ -134,14 +180,29 @@ fn boot(plan: &BootPlan, id: &str) -> Result<InferencePartition, String> {
     InferencePartition::start(config, READY_TIMEOUT).map_err(|error| error.to_string())
 }
 
+/// The cgroup of one boot of partition `id` (one per boot: a swap runs two
+/// at once), or None when the daemon runs without cgroups.
+fn cgroup_name(id: &str) -> Option<String> {
+    static BOOTS: AtomicU64 = AtomicU64::new(0);
+    let (cgroup, _) = *ISOLATION.get_or_init(|| (true, true));
+    cgroup.then(|| format!("{id}-{}", BOOTS.fetch_add(1, Ordering::Relaxed)))
+}
+
+/// How often a worker looks at its Linux guest (has it ended? its exits).
+const LINUX_WATCH: Duration = Duration::from_millis(200);
+
 /// What the API sees of a partition (the worker writes it).
 #[derive(Debug, Clone)]
 pub struct Status {
     pub state: PartitionState,
-    pub plan: BootPlan,
+    pub plan: Plan,
     pub running_since: Option<Instant>,
     pub error: Option<String>,
     pub swapping_to: Option<String>,
+    /// Linux guests: the command line of the last boot, its exits, and how it ended.
+    pub linux_cmdline: Option<String>,
+    pub linux_exits: LinuxExits,
+    pub linux_end: Option<String>,
 }
 
 /// Shared between the worker and the manager.
@@ -167,22 +228,55 @@ impl Shared {
     pub fn info(&self) -> PartitionInfo {
         let status = self.status().clone();
         let snapshot = self.metrics.snapshot();
-        PartitionInfo {
-            id: self.id.clone(),
-            state: status.state,
-            spec: self.spec.clone(),
-            model: status.plan.model.name.clone(),
-            model_path: status.plan.model.path.clone(),
-            vcpus: status.plan.vcpus,
-            host_cpus: status.plan.host_cpus.clone(),
-            numa_node: status.plan.numa_node,
-            memory_mib: status.plan.memory_bytes >> 20,
-            hugepages: status.plan.hugepages,
-            context_length: status.plan.setup.n_ctx,
-            uptime_secs: status.running_since.map(|t| t.elapsed().as_secs_f64()),
-            error: status.error,
-            swapping_to: status.swapping_to,
-            counters: snapshot.counters,
+        let uptime_secs = status.running_since.map(|t| t.elapsed().as_secs_f64());
+        match status.plan {
+            Plan::Inference(plan) => PartitionInfo {
+                id: self.id.clone(),
+                kind: PartitionKind::Inference,
+                state: status.state,
+                spec: self.spec.clone(),
+                model: plan.model.name,
+                model_path: plan.model.path,
+                vcpus: plan.vcpus,
+                host_cpus: plan.host_cpus,
+                numa_node: plan.numa_node,
+                memory_mib: plan.memory_bytes >> 20,
+                hugepages: plan.hugepages,
+                context_length: plan.setup.n_ctx,
+                uptime_secs,
+                error: status.error,
+                swapping_to: status.swapping_to,
+                counters: snapshot.counters,
+                devices: Vec::new(),
+                linux: None,
+            },
+            Plan::Linux(plan) => PartitionInfo {
+                id: self.id.clone(),
+                kind: PartitionKind::Linux,
+                state: status.state,
+                spec: self.spec.clone(),
+                model: String::new(),
+                model_path: String::new(),
+                vcpus: plan.vcpus,
+                host_cpus: plan.host_cpus,
+                numa_node: plan.numa_node,
+                memory_mib: plan.memory_bytes >> 20,
+                hugepages: false,
+                context_length: 0,
+                uptime_secs,
+                error: status.error,
+                swapping_to: None,
+                counters: snapshot.counters,
+                devices: plan.devices.iter().map(ToString::to_string).collect(),
+                linux: Some(LinuxStatus {
+                    kernel: plan.kernel.display().to_string(),
+                    initrd: plan.initrd.map(|path| path.display().to_string()),
+                    cmdline: status.linux_cmdline.unwrap_or(plan.cmdline),
+                    end: status.linux_end,
+                    exits: status.linux_exits,
+                    console_bytes: std::fs::metadata(&plan.console_log).map_or(0, |m| m.len()),
+                }),
+            },
         }
     }
 }
@@ -206,6 +300,7 @@ pub enum WorkerMessage {
 pub struct Worker {
     shared: Arc<Shared>,
     running: Option<InferencePartition>,
+    linux: Option<LinuxRun>,
     inbox: Receiver<WorkerMessage>,
     outbox: Sender<WorkerMessage>,
 }
@@ -214,7 +309,7 @@ impl Worker {
     pub fn new(
         id: String,
         spec: PartitionSpec,
-        plan: BootPlan,
+        plan: Plan,
         inbox: Receiver<WorkerMessage>,
         outbox: Sender<WorkerMessage>,
     ) -> (Worker, Arc<Shared>) {
@@ -227,6 +322,9 @@ impl Worker {
                 running_since: None,
                 error: None,
                 swapping_to: None,
+                linux_cmdline: None,
+                linux_exits: LinuxExits::default(),
+                linux_end: None,
             }),
             metrics: PartitionMetrics::default(),
             interrupt: AtomicBool::new(false),
@@ -235,6 +333,7 @@ impl Worker {
         let worker = Worker {
             shared: shared.clone(),
             running: None,
+            linux: None,
             inbox,
             outbox,
         };
@@ -243,7 +342,22 @@ impl Worker {
 
     /// Takes messages until the partition is deleted (or the manager goes).
     pub fn run(mut self) {
-        while let Ok(message) = self.inbox.recv() {
+        loop {
+            let message = if self.linux.is_some() {
+                match self.inbox.recv_timeout(LINUX_WATCH) {
+                    Ok(message) => message,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        self.watch_linux();
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match self.inbox.recv() {
+                    Ok(message) => message,
+                    Err(_) => break,
+                }
+            };
             match message {
                 WorkerMessage::Start(reply) => {
                     let result = self.start().map(|()| self.shared.info());
@@ -326,11 +440,26 @@ impl Worker {
         if self.running.as_ref().is_some_and(|p| !p.has_ended()) {
             return Ok(());
         }
+        if self
+            .linux
+            .as_ref()
+            .is_some_and(|run| run.vm.end().is_none())
+        {
+            return Ok(());
+        }
+        if self.linux.is_some() {
+            // A Linux guest that ended by itself is stopped before it boots again.
+            self.stop();
+        }
         let plan = {
             let mut status = self.shared.status();
             status.state = PartitionState::Starting;
             status.error = None;
             status.plan.clone()
+        };
+        let plan = match plan {
+            Plan::Inference(plan) => plan,
+            Plan::Linux(plan) => return self.start_linux(&plan),
         };
         match boot(&plan, &self.shared.id) {
             Ok(partition) => {
@@ -355,12 +484,81 @@ impl Worker {
         }
     }
 
+    fn start_linux(&mut self, plan: &LinuxPlan) -> Result<(), ApiError> {
+        match linux::boot(plan, cgroup_name(&self.shared.id)) {
+            Ok(run) => {
+                self.shared
+                    .metrics
+                    .guest_memory_bytes
+                    .store(plan.memory_bytes, Ordering::Relaxed);
+                self.shared.metrics.record_boot();
+                let mut status = self.shared.status();
+                status.state = PartitionState::Running;
+                status.running_since = Some(Instant::now());
+                status.linux_cmdline = Some(run.vm.cmdline.clone());
+                status.linux_exits = LinuxExits::default();
+                status.linux_end = None;
+                drop(status);
+                self.linux = Some(run);
+                Ok(())
+            }
+            Err(why) => {
+                let message = format!("partition {} did not boot: {why}", self.shared.id);
+                let mut status = self.shared.status();
+                status.state = PartitionState::Failed;
+                status.error = Some(message.clone());
+                Err(ApiError::new(ErrorCode::PartitionFailed, message))
+            }
+        }
+    }
+
+    /// Updates the Linux guest's exits; if it has ended by itself, stops it
+    /// (joining its threads) and records how it ended: powered off or
+    /// rebooted is stopped, anything else failed.
+    fn watch_linux(&mut self) {
+        let Some(run) = &self.linux else {
+            return;
+        };
+        let vcpus = match &self.shared.status().plan {
+            Plan::Linux(plan) => plan.vcpus,
+            Plan::Inference(_) => 0,
+        };
+        let exits = run.exits(vcpus);
+        let ended = run.vm.end().is_some();
+        self.shared
+            .metrics
+            .vcpu_exits
+            .store(exits.io_in + exits.io_out + exits.mmio, Ordering::Relaxed);
+        self.shared.status().linux_exits = exits;
+        if ended {
+            self.stop();
+        }
+    }
+
     fn stop(&mut self) {
         if let Some(partition) = self.running.take() {
             self.set_state(PartitionState::Stopping);
             // A guest that does not take the exit request is stopped by the
             // timeout; either way its threads are joined.
             let _ = partition.exit(EXIT_TIMEOUT);
+        }
+        if let Some(run) = self.linux.take() {
+            let vcpus = match &self.shared.status().plan {
+                Plan::Linux(plan) => plan.vcpus,
+                Plan::Inference(_) => 0,
+            };
+            let exits = run.exits(vcpus);
+            let end = run.stop();
+            let mut status = self.shared.status();
+            status.linux_exits = exits;
+            status.linux_end = Some(end.to_string());
+            if !linux::ended_cleanly(&end) {
+                status.state = PartitionState::Failed;
+                status.error = Some(format!(
+                    "the Linux guest of partition {} failed: {end}",
+                    self.shared.id
+                ));
+            }
         }
         let mut status = self.shared.status();
         if status.state != PartitionState::Failed {
@@ -385,9 +583,13 @@ impl Worker {
                 )));
                 return;
             }
+            if matches!(status.plan, Plan::Linux(_)) {
+                let _ = reply.send(Err(linux_has_no_model(&self.shared.id)));
+                return;
+            }
             if status.state != PartitionState::Running {
                 // Nothing serves: take the new model for the next start.
-                status.plan = plan;
+                status.plan = Plan::Inference(plan);
                 status.error = None;
                 drop(status);
                 let _ = reply.send(Ok(self.shared.info()));
@@ -422,7 +624,7 @@ impl Worker {
                 let message = format!(
                     "model swap to {} refused: the new partition did not boot ({why}); {} keeps serving",
                     plan.model.name,
-                    self.shared.status().plan.model.name
+                    self.shared.status().plan.model_name()
                 );
                 self.shared.status().error = Some(message.clone());
                 return Err(ApiError::new(ErrorCode::PartitionFailed, message));
@@ -442,7 +644,7 @@ impl Worker {
         let old = self.running.replace(new);
         {
             let mut status = self.shared.status();
-            status.plan = plan;
+            status.plan = Plan::Inference(plan);
             status.error = None;
             status.running_since = Some(Instant::now());
             status.state = PartitionState::Running;
@@ -465,7 +667,10 @@ impl Worker {
                 format!("partition {id} was stopped before this request ran"),
             ));
         }
-        let plan = self.shared.status().plan.clone();
+        let plan = match self.shared.status().plan.clone() {
+            Plan::Inference(plan) => plan,
+            Plan::Linux(_) => return fail(linux_has_no_model(&id)),
+        };
         let Some(partition) = self.running.as_mut() else {
             let status = self.shared.status();
             return fail(match status.state {
@@ -635,4 +840,14 @@ impl Worker {
         };
         let _ = events.send(StreamEvent::Done(Box::new(result)));
     }
+}
+
+/// The refusal of a model operation (a completion, a swap) on a Linux partition.
+pub fn linux_has_no_model(id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::Conflict,
+        format!(
+            "partition {id} runs a Linux guest, not a model: completions and model swaps go to inference partitions"
+        ),
+    )
 }

@@ -599,6 +599,11 @@ fn read_hugepage_pools(dir: &Path) -> Result<Vec<HugepagePool>, TopologyError> {
     Ok(pools)
 }
 
+/// The host's PCI devices as they are now, under `root` ("/" on a real host).
+pub fn pci_devices(root: &Path) -> Result<Vec<PciDevice>, TopologyError> {
+    read_pci_devices(&root.join("sys/bus/pci/devices"))
+}
+
 fn read_pci_devices(dir: &Path) -> Result<Vec<PciDevice>, TopologyError> {
     if !dir.is_dir() {
         return Ok(Vec::new()); // machines without PCI (some microVMs)

@@ -57,12 +57,8 @@ pub struct LinuxArgs {
 /// The command line for `args`: with --device and no --cmdline, the default
 /// without `pci=off` (the guest must probe PCI to find the devices).
 pub fn cmdline_for(args: &LinuxArgs) -> String {
-    if !args.devices.is_empty() && args.cmdline == super::DEFAULT_CMDLINE {
-        args.cmdline
-            .split_whitespace()
-            .filter(|word| *word != "pci=off")
-            .collect::<Vec<_>>()
-            .join(" ")
+    if args.cmdline == super::DEFAULT_CMDLINE {
+        super::default_cmdline(!args.devices.is_empty())
     } else {
         args.cmdline.clone()
     }

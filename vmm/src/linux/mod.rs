@@ -54,6 +54,20 @@ pub use vcpu::{ExitCounts, LinuxEnd, Sample, VcpuState};
 /// line on, reboot (ending the VM) on panic, no PCI to probe.
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 pci=off";
+/// The command line when none is given, for a guest with or without
+/// passed-through devices: with devices, [`DEFAULT_CMDLINE`] without
+/// `pci=off` (the guest must probe PCI to find them).
+pub fn default_cmdline(with_devices: bool) -> String {
+    if !with_devices {
+        return DEFAULT_CMDLINE.to_string();
+    }
+    DEFAULT_CMDLINE
+        .split_whitespace()
+        .filter(|word| *word != "pci=off")
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Appended to the command line where KVM emulates CPL0 code (PVM hosts).
 /// PVM adds the host's user-mode ISA to the guest's CPUID whatever the VMM
 /// sets (XSAVE, AVX, POPCNT, RDRAND, FSGSBASE, SMAP, ... were there after
