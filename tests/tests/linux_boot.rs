@@ -81,6 +81,7 @@ fn config(kernel: &Path, memory_bytes: u64) -> LinuxConfig {
         protocol: BootProtocol::Auto,
         console: None,
         console_capture_limit: 1 << 20,
+        disks: Vec::new(),
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use super::disk::DiskSpec;
 use super::{BootProtocol, LinuxConfig, LinuxEnd, LinuxError, LinuxOutcome, LinuxVm};
 
 /// The guest memory of a Linux guest when --memory is not given.
@@ -42,6 +43,11 @@ pub struct LinuxArgs {
     /// Entry point of --kernel.
     #[arg(long, value_enum, requires = "kernel", default_value = "auto")]
     pub boot_protocol: ProtocolArg,
+    /// Attach a disk image as a virtio-blk device (repeatable; /dev/vda,
+    /// /dev/vdb, ... in the guest). PATH,ro attaches it read-only. Images
+    /// are locked: a writable one cannot be used by two VMs at once.
+    #[arg(long = "disk", value_name = "PATH[,ro]", requires = "kernel")]
+    pub disks: Vec<DiskSpec>,
     /// Stop the Linux guest after this many seconds (default: run until it
     /// powers off or reboots).
     #[arg(long, requires = "kernel")]
@@ -93,6 +99,7 @@ pub fn run(
         },
         console: Some(console),
         console_capture_limit: 0,
+        disks: args.disks.clone(),
     };
     let vm = LinuxVm::start(config)?;
     if vm.cmdline != args.cmdline {
@@ -134,6 +141,13 @@ pub fn print_summary(w: &mut dyn Write, outcome: &LinuxOutcome) {
         outcome.console_total,
         outcome.unhandled_ports
     );
+    for (index, disk) in outcome.disks.iter().enumerate() {
+        let _ = writeln!(
+            w,
+            "[disk {index}: {} requests, {} bytes read, {} bytes written, {} flushes, {} errors]",
+            disk.requests, disk.bytes_read, disk.bytes_written, disk.flushes, disk.errors
+        );
+    }
     for (index, exits) in outcome.exits.iter().enumerate() {
         let state = outcome.states.get(index).copied().flatten();
         let _ = writeln!(
@@ -185,6 +199,60 @@ mod tests {
         assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--model", "m.gguf"]).is_err());
         assert!(RunArgs::try_parse_from(["run", "--initrd", "initrd.img"]).is_err());
         assert!(RunArgs::try_parse_from(["run", "--cmdline", "quiet"]).is_err());
+        let disks = RunArgs::try_parse_from([
+            "run",
+            "--kernel",
+            "k",
+            "--disk",
+            "root.img",
+            "--disk",
+            "data.img,ro",
+        ])
+        .unwrap()
+        .linux
+        .disks;
+        assert_eq!(disks.len(), 2);
+        assert!(!disks[0].read_only && disks[1].read_only);
+        assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--disk", "a,bad"]).is_err());
+        assert!(RunArgs::try_parse_from(["run", "--disk", "root.img"]).is_err());
+    }
+
+    #[test]
+    fn missing_and_busy_disks_fail_before_anything_runs() {
+        let dir = std::env::temp_dir();
+        let kernel = dir.join(format!("aivmm-disk-kernel-{}", std::process::id()));
+        std::fs::write(&kernel, "not a kernel").unwrap();
+        let image = dir.join(format!("aivmm-disk-busy-{}", std::process::id()));
+        std::fs::write(&image, [0u8; 4096]).unwrap();
+        let mut args = LinuxArgs {
+            console_log: Some(dir.join(format!("aivmm-disk-console-{}", std::process::id()))),
+            disks: vec![DiskSpec {
+                path: dir.join("aivmm-no-such-disk.img"),
+                read_only: false,
+            }],
+            ..Default::default()
+        };
+        let error = run(&args, kernel.clone(), 1, None, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("aivmm-no-such-disk.img"), "{error}");
+        let held = aivmm_devices::virtio::block::Block::open(&image, false).unwrap();
+        args.disks[0] = DiskSpec {
+            path: image.clone(),
+            read_only: true,
+        };
+        let error = run(&args, kernel.clone(), 1, None, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("in use by another VM"), "{error}");
+        drop(held);
+        let error = run(&args, kernel.clone(), 1, None, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("is not a Linux kernel image"), "{error}");
+        for path in [kernel, image, args.console_log.unwrap()] {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Linux guests: a real Linux kernel (vmlinux ELF or bzImage, optional
 //! initrd) booted with the x86 boot protocol on KVM's in-kernel irqchip and
-//! PIT, with an MP table for its vCPUs and a 16550 serial console.
+//! PIT, with an MP table for its vCPUs, a 16550 serial console and
+//! virtio-blk disks on virtio-mmio.
 //!
 //! Unlike the inference partitions, a Linux kernel runs at CPL0, so on PVM
 //! hosts (see shared/design/kvm-on-these-machines.md) KVM emulates each of
@@ -10,6 +11,7 @@ pub mod boot_cpu;
 pub mod boot_params;
 pub mod cli;
 pub mod cmos;
+pub mod disk;
 pub mod e820;
 pub mod loader;
 pub mod mptable;
@@ -29,8 +31,11 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::vstate::layout::{write_descriptor_tables, LayoutError};
 use crate::vstate::vm::{Vm, VmError};
+use aivmm_devices::bus::MmioBus;
+use aivmm_devices::virtio::block::BlockStats;
 use boot_cpu::{BootCpuError, Entry};
 use boot_params::{BootParamsError, BootParamsInput, CMDLINE_ADDR, ZERO_PAGE_ADDR};
+use disk::{DiskError, DiskSpec, Disks};
 use e820::E820Error;
 use loader::{LoadedKernel, LoaderError};
 use mptable::MpTableError;
@@ -96,6 +101,8 @@ pub enum LinuxError {
     Layout(#[from] LayoutError),
     #[error(transparent)]
     Serial(#[from] SerialError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error("the command line contains a NUL byte")]
     CmdlineNul,
     #[error("--boot-protocol pvh: the kernel has no PVH entry note (a bzImage never has one; give the vmlinux)")]
@@ -132,6 +139,8 @@ pub struct LinuxConfig {
     pub console: Option<Box<dyn Write + Send>>,
     /// Bytes of serial output kept for [`LinuxVm::console`].
     pub console_capture_limit: usize,
+    /// virtio-blk disks, announced on the command line.
+    pub disks: Vec<DiskSpec>,
 }
 
 /// What was put where before the first KVM_RUN.
@@ -201,6 +210,7 @@ pub struct LinuxVm {
     pub cmdline: String,
     /// Set-up time before the first KVM_RUN.
     pub setup: Duration,
+    disks: Disks,
     // Kept alive while the vCPUs run: the VM (memslots) and guest RAM.
     _vm: Vm,
     _memory: GuestMemoryMmap,
@@ -222,6 +232,8 @@ pub struct LinuxOutcome {
     pub console_total: u64,
     /// Port accesses no device answered.
     pub unhandled_ports: u64,
+    /// Requests each disk served.
+    pub disks: Vec<BlockStats>,
 }
 
 impl LinuxVm {
@@ -238,6 +250,8 @@ impl LinuxVm {
                 max: mptable::MAX_VCPUS,
             });
         }
+        let blocks = disk::open(&config.disks)?;
+        config.cmdline = disk::with_disk_args(&config.cmdline, blocks.len());
         let memory = e820::create_guest_ram(config.memory_bytes)?;
         let layout = prepare_memory(&memory, &config)?;
 
@@ -267,6 +281,10 @@ impl LinuxVm {
         }));
         let serial = SerialConsole::new(irq, config.console, capture.clone());
         let shared = Arc::new(Shared::new(PortBus::new(serial), capture, config.vcpus));
+        let mut mmio = MmioBus::new();
+        let disks = Disks::attach(&vm, &memory, blocks, &mut mmio, shared.clone())?;
+        // A fresh Shared: nothing has set its bus yet.
+        let _ = shared.mmio.set(mmio);
 
         let supported = vm.supported_cpuid()?;
         let mut vcpus = Vec::new();
@@ -323,6 +341,7 @@ impl LinuxVm {
             layout,
             cmdline: config.cmdline,
             setup,
+            disks,
             _vm: vm,
             _memory: memory,
         })
@@ -391,13 +410,13 @@ impl LinuxVm {
     }
 
     /// Stops the guest (if still running) and reports the run.
-    pub fn stop(self) -> LinuxOutcome {
+    pub fn stop(mut self) -> LinuxOutcome {
         self.shared.finish(LinuxEnd::Stopped);
-        let states: Vec<Option<VcpuState>> = self
-            .threads
+        let states: Vec<Option<VcpuState>> = std::mem::take(&mut self.threads)
             .into_iter()
             .map(|handle| handle.join().ok().flatten())
             .collect();
+        self.disks.stop();
         let elapsed = self.shared.started.elapsed();
         let end = self.shared.end().unwrap_or(LinuxEnd::Stopped);
         let (console, console_total) = self
@@ -429,6 +448,7 @@ impl LinuxVm {
                 .pio
                 .unhandled
                 .load(std::sync::atomic::Ordering::Relaxed),
+            disks: self.disks.stats(),
         }
     }
 

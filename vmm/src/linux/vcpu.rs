@@ -1,5 +1,6 @@
 //! A Linux guest's vCPU threads: KVM_RUN and the exits a CPL0 kernel makes
-//! (port I/O to the legacy devices, MMIO to nothing, reset, shutdown), until
+//! (port I/O to the legacy devices, MMIO to the virtio devices or nothing,
+//! reset, shutdown), until
 //! the guest ends or the VM is stopped.
 //!
 //! Stopping or sampling a vCPU from another thread: set `immediate_exit` in
@@ -13,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use aivmm_devices::bus::{MmioAction, MmioBus};
 
 use super::pio::{PioAction, PortBus};
 use super::serial::Capture;
@@ -72,6 +75,15 @@ pub enum LinuxEnd {
         vcpu: u32,
         error: String,
     },
+    /// The guest misused a device's registers.
+    Mmio {
+        vcpu: u32,
+        error: String,
+    },
+    /// A disk could not serve its queue (the driver broke the virtqueue).
+    Disk {
+        error: String,
+    },
     /// The vCPU thread could not be pinned to its host CPU.
     Pin {
         vcpu: u32,
@@ -115,6 +127,8 @@ impl std::fmt::Display for LinuxEnd {
             }
             LinuxEnd::KvmRun { vcpu, error } => write!(f, "vCPU {vcpu}: KVM_RUN failed: {error}"),
             LinuxEnd::Serial { vcpu, error } => write!(f, "vCPU {vcpu}: serial console: {error}"),
+            LinuxEnd::Mmio { vcpu, error } => write!(f, "vCPU {vcpu}: {error}"),
+            LinuxEnd::Disk { error } => write!(f, "virtio-blk: {error}"),
             LinuxEnd::Pin { vcpu, cpu, error } => {
                 write!(
                     f,
@@ -230,6 +244,8 @@ pub struct VcpuShared {
 pub struct Shared {
     pub started: Instant,
     pub pio: PortBus,
+    /// The devices in the 32-bit MMIO hole (set once, before the vCPUs run).
+    pub mmio: OnceLock<MmioBus>,
     pub console: Arc<Mutex<Capture>>,
     pub vcpus: Vec<VcpuShared>,
     stop: AtomicBool,
@@ -246,6 +262,7 @@ impl Shared {
         Shared {
             started: Instant::now(),
             pio,
+            mmio: OnceLock::new(),
             console,
             vcpus: (0..vcpus).map(|_| VcpuShared::default()).collect(),
             stop: AtomicBool::new(false),
@@ -359,15 +376,41 @@ fn run_loop(vcpu: &mut VcpuFd, index: u32, shared: &Shared, me: &VcpuShared) -> 
                     }),
                 }
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                // No MMIO devices: reads float high, as on an empty bus.
+            Ok(VcpuExit::MmioRead(addr, data)) => {
                 counters.mmio.fetch_add(1, Ordering::Relaxed);
-                data.fill(0xff);
-                None
+                match shared.mmio.get().and_then(|bus| bus.find(addr)) {
+                    Some((device, offset)) => {
+                        device
+                            .read(index, offset, data)
+                            .err()
+                            .map(|error| LinuxEnd::Mmio {
+                                vcpu: index,
+                                error: error.to_string(),
+                            })
+                    }
+                    None => {
+                        // Nothing there: reads float high, as on an empty bus.
+                        data.fill(0xff);
+                        None
+                    }
+                }
             }
-            Ok(VcpuExit::MmioWrite(..)) => {
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
                 counters.mmio.fetch_add(1, Ordering::Relaxed);
-                None
+                match shared.mmio.get().and_then(|bus| bus.find(addr)) {
+                    Some((device, offset)) => match device.write(index, offset, data) {
+                        Ok(MmioAction::Continue) => None,
+                        Ok(other) => Some(LinuxEnd::Mmio {
+                            vcpu: index,
+                            error: format!("{}: unexpected {other:?}", device.name()),
+                        }),
+                        Err(error) => Some(LinuxEnd::Mmio {
+                            vcpu: index,
+                            error: error.to_string(),
+                        }),
+                    },
+                    None => None,
+                }
             }
             Ok(VcpuExit::Hlt) => Some(LinuxEnd::Halted { vcpu: index }),
             Ok(VcpuExit::Shutdown) => Some(LinuxEnd::TripleFault { vcpu: index }),
