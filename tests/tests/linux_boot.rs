@@ -82,6 +82,7 @@ fn config(kernel: &Path, memory_bytes: u64) -> LinuxConfig {
         console: None,
         console_capture_limit: 1 << 20,
         disks: Vec::new(),
+        input: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use super::disk::DiskSpec;
+use super::serial_input::{SerialInput, ESCAPE, QUIT};
 use super::{BootProtocol, LinuxConfig, LinuxEnd, LinuxError, LinuxOutcome, LinuxVm};
 
 /// The guest memory of a Linux guest when --memory is not given.
@@ -37,7 +38,9 @@ pub struct LinuxArgs {
     /// Kernel command line for --kernel.
     #[arg(long, requires = "kernel", default_value = super::DEFAULT_CMDLINE)]
     pub cmdline: String,
-    /// Write the guest's serial console to this file instead of stdout.
+    /// Write the guest's serial console to this file instead of stdout
+    /// (without it, stdin is the console's input: from a terminal, in raw
+    /// mode, with Ctrl-A x to stop the VM).
     #[arg(long, requires = "kernel")]
     pub console_log: Option<PathBuf>,
     /// Entry point of --kernel.
@@ -67,6 +70,47 @@ pub enum LinuxCliError {
     Guest(LinuxEnd),
 }
 
+/// Stdin in raw mode while it lives (keys go to the guest as typed);
+/// canonical mode again when dropped, on every way out of [`run`].
+struct RawTerminal;
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        use vmm_sys_util::terminal::Terminal;
+        std::io::stdin()
+            .lock()
+            .set_raw_mode()
+            .ok()
+            .map(|()| RawTerminal)
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        use vmm_sys_util::terminal::Terminal;
+        let _ = std::io::stdin().lock().set_canon_mode();
+    }
+}
+
+/// Stdin as the serial console's input (a terminal in raw mode, or a pipe
+/// or file as it is); none if stdin is closed.
+fn stdin_input() -> (Option<SerialInput>, Option<RawTerminal>) {
+    use std::io::IsTerminal;
+    use std::os::fd::AsFd;
+    let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else {
+        return (None, None);
+    };
+    let raw = std::io::stdin()
+        .is_terminal()
+        .then(RawTerminal::enter)
+        .flatten();
+    let input = SerialInput {
+        source: std::fs::File::from(fd),
+        interactive: raw.is_some(),
+    };
+    (Some(input), raw)
+}
+
 /// Boots `kernel` with the sizes already resolved by `aivmm run`.
 pub fn run(
     args: &LinuxArgs,
@@ -75,6 +119,10 @@ pub fn run(
     host_cpus: Option<Vec<usize>>,
     memory_bytes: u64,
 ) -> Result<LinuxOutcome, LinuxCliError> {
+    let (input, raw_terminal) = match &args.console_log {
+        Some(_) => (None, None),
+        None => stdin_input(),
+    };
     let console: Box<dyn Write + Send> =
         match &args.console_log {
             Some(path) => Box::new(std::fs::File::create(path).map_err(|source| {
@@ -100,8 +148,16 @@ pub fn run(
         console: Some(console),
         console_capture_limit: 0,
         disks: args.disks.clone(),
+        input,
     };
     let vm = LinuxVm::start(config)?;
+    if raw_terminal.is_some() {
+        eprintln!(
+            "[serial console input from this terminal; Ctrl-{} {} stops the VM]",
+            (b'@' + ESCAPE) as char,
+            QUIT as char
+        );
+    }
     if vm.cmdline != args.cmdline {
         eprintln!(
             "[this host's KVM emulates guest kernel code (PVM): the command line is {:?}]",
@@ -124,6 +180,7 @@ pub fn run(
     // Without --timeout: until the guest ends (136 years is as good as never).
     let timeout = Duration::from_secs(args.timeout.unwrap_or(u64::from(u32::MAX)));
     let outcome = vm.run(timeout);
+    drop(raw_terminal);
     print_summary(&mut std::io::stderr(), &outcome);
     match outcome.end {
         LinuxEnd::Stopped | LinuxEnd::Reset | LinuxEnd::PowerOff => Ok(outcome),

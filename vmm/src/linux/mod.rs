@@ -18,6 +18,7 @@ pub mod mptable;
 pub mod pio;
 pub mod pvh;
 pub mod serial;
+pub mod serial_input;
 pub mod vcpu;
 
 use std::io::Write;
@@ -42,6 +43,7 @@ use mptable::MpTableError;
 use pio::PortBus;
 use pvh::PvhError;
 use serial::{Capture, IrqLine, SerialConsole, SerialError};
+use serial_input::{SerialInput, SerialInputError, SerialInputThread};
 use vcpu::Shared;
 pub use vcpu::{ExitCounts, LinuxEnd, Sample, VcpuState};
 
@@ -103,6 +105,8 @@ pub enum LinuxError {
     Serial(#[from] SerialError),
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error(transparent)]
+    SerialInput(#[from] SerialInputError),
     #[error("the command line contains a NUL byte")]
     CmdlineNul,
     #[error("--boot-protocol pvh: the kernel has no PVH entry note (a bzImage never has one; give the vmlinux)")]
@@ -141,6 +145,8 @@ pub struct LinuxConfig {
     pub console_capture_limit: usize,
     /// virtio-blk disks, announced on the command line.
     pub disks: Vec<DiskSpec>,
+    /// What the serial console receives (stdin, say); none: no input.
+    pub input: Option<SerialInput>,
 }
 
 /// What was put where before the first KVM_RUN.
@@ -211,6 +217,7 @@ pub struct LinuxVm {
     /// Set-up time before the first KVM_RUN.
     pub setup: Duration,
     disks: Disks,
+    input: Option<SerialInputThread>,
     // Kept alive while the vCPUs run: the VM (memslots) and guest RAM.
     _vm: Vm,
     _memory: GuestMemoryMmap,
@@ -285,6 +292,11 @@ impl LinuxVm {
         let disks = Disks::attach(&vm, &memory, blocks, &mut mmio, shared.clone())?;
         // A fresh Shared: nothing has set its bus yet.
         let _ = shared.mmio.set(mmio);
+        let input = config
+            .input
+            .take()
+            .map(|input| SerialInputThread::start(input, shared.clone()))
+            .transpose()?;
 
         let supported = vm.supported_cpuid()?;
         let mut vcpus = Vec::new();
@@ -342,6 +354,7 @@ impl LinuxVm {
             cmdline: config.cmdline,
             setup,
             disks,
+            input,
             _vm: vm,
             _memory: memory,
         })
@@ -417,6 +430,9 @@ impl LinuxVm {
             .map(|handle| handle.join().ok().flatten())
             .collect();
         self.disks.stop();
+        if let Some(input) = self.input.as_mut() {
+            input.stop();
+        }
         let elapsed = self.shared.started.elapsed();
         let end = self.shared.end().unwrap_or(LinuxEnd::Stopped);
         let (console, console_total) = self
