@@ -46,9 +46,10 @@ pub struct LinuxArgs {
     /// Entry point of --kernel.
     #[arg(long, value_enum, requires = "kernel", default_value = "auto")]
     pub boot_protocol: ProtocolArg,
-    /// Attach a disk image as a virtio-blk device (repeatable; /dev/vda,
-    /// /dev/vdb, ... in the guest). PATH,ro attaches it read-only. Images
-    /// are locked: a writable one cannot be used by two VMs at once.
+    /// Attach a disk image as a virtio-blk device on virtio-mmio
+    /// (repeatable; /dev/vda, /dev/vdb, ... in a guest kernel built with
+    /// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES). PATH,ro attaches it read-only.
+    /// Images are locked: a writable one cannot be used by two VMs at once.
     #[arg(long = "disk", value_name = "PATH[,ro]", requires = "kernel")]
     pub disks: Vec<DiskSpec>,
     /// Stop the Linux guest after this many seconds (default: run until it

@@ -3,8 +3,11 @@
 //! Disk `n` has its register window at [`DISK_MMIO_BASE`] + n * 4 KiB in the
 //! 32-bit MMIO hole and one of the free ISA IRQs ([`DISK_IRQS`]), which KVM's
 //! in-kernel IOAPIC delivers (an irqfd); the MP table already routes them.
-//! Linux finds the devices on its command line
-//! (`virtio_mmio.device=4K@<addr>:<irq>`), without ACPI or PCI. The guest's
+//! They are announced on the command line
+//! (`virtio_mmio.device=4K@<addr>:<irq>`), which a kernel built with
+//! CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES reads without ACPI or PCI; Debian's
+//! kernel is not built so and needs them in an ACPI DSDT (LNRO0005 devices
+//! at [`placement`]; see docs/linux-guest.md). The guest's
 //! QUEUE_NOTIFY write completes in KVM (an ioeventfd); one event thread per
 //! VM serves the requests and raises the interrupt.
 
