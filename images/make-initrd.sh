@@ -4,9 +4,13 @@
 # shell on the serial console. Prints the image's path on stdout (progress
 # goes to stderr):
 #
-#   images/make-initrd.sh [--out FILE] [--marker TEXT]
+#   images/make-initrd.sh [--out FILE] [--marker TEXT] [--modules DIR]
 #
 #   aivmm run --kernel vmlinux --initrd "$(images/make-initrd.sh)" [--disk root.img]
+#
+# --modules DIR (line 3 of images/fetch-kernel.sh) puts the kernel's virtio
+# modules in /lib/modules; /init loads virtio, virtio_ring, virtio_mmio and
+# virtio_blk (those present) with their parameters from the command line.
 #
 # busybox-static is downloaded with `apt-get download` (apt checks the .deb
 # against the hashes of the signed archive index) and unpacked with dpkg-deb
@@ -26,6 +30,7 @@ die() {
 cache="${AIVMM_CACHE:-$HOME/.cache/aivmm}/initrd"
 out=""
 marker="AIVMM-INITRD-READY"
+modules=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out)
@@ -38,8 +43,14 @@ while [ $# -gt 0 ]; do
       marker="$2"
       shift 2
       ;;
+    --modules)
+      [ $# -ge 2 ] || die "--modules needs a directory"
+      [ -d "$2" ] || die "--modules $2: not a directory (line 3 of images/fetch-kernel.sh names one)"
+      modules="$2"
+      shift 2
+      ;;
     -h | --help)
-      sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *) die "unknown argument $1 (see --help)" ;;
@@ -74,10 +85,11 @@ fi
 
 mkdir -p "$(dirname "$out")"
 tmp="$(mktemp "$out.XXXXXX")"
-python3 - "$busybox" "$tmp" "$marker" <<'PYTHON' || { rm -f "$tmp"; die "cannot write the archive"; }
+python3 - "$busybox" "$tmp" "$marker" "$modules" <<'PYTHON' || { rm -f "$tmp"; die "cannot write the archive"; }
+import os
 import sys
 
-busybox, out, marker = sys.argv[1], sys.argv[2], sys.argv[3]
+busybox, out, marker, modules = sys.argv[1:5]
 
 INIT = f"""#!/bin/busybox sh
 # aivmm's initramfs: mounts, a marker line, a shell on the console.
@@ -87,6 +99,13 @@ INIT = f"""#!/bin/busybox sh
 /bin/busybox --install -s
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev || echo "no devtmpfs: /dev holds only the archive's nodes"
+# virtio-mmio disks, when the kernel has them as modules (--modules).
+for module in virtio virtio_ring virtio_mmio virtio_blk; do
+  ko=/lib/modules/$module.ko
+  [ -e "$ko" ] || continue
+  insmod "$ko" $(tr ' ' '\\n' </proc/cmdline | sed -n "s/^$module\\.//p") ||
+    echo "insmod $module failed"
+done
 echo "{marker}: $(uname -sr), $(grep -c ^processor /proc/cpuinfo) CPU(s)"
 for disk in /sys/block/vd*; do
   [ -e "$disk" ] && echo "disk /dev/${{disk##*/}}: $(cat "$disk/size") sectors"
@@ -100,7 +119,7 @@ entries = []  # (name, mode, data, (major, minor))
 def add(name, mode, data=b"", rdev=(0, 0)):
     entries.append((name, mode, data, rdev))
 
-for d in ("bin", "dev", "proc", "sys", "tmp", "root", "etc"):
+for d in ("bin", "dev", "proc", "sys", "tmp", "root", "etc", "lib", "lib/modules"):
     add(d, 0o040755)
 add("dev/console", 0o020600, rdev=(5, 1))
 add("dev/ttyS0", 0o020660, rdev=(4, 64))
@@ -110,6 +129,11 @@ with open(busybox, "rb") as f:
 add("bin/sh", 0o120777, b"busybox")
 add("etc/profile", 0o100644, b"export PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport PS1='aivmm# '\n")
 add("init", 0o100755, INIT.encode())
+if modules:
+    for name in sorted(os.listdir(modules)):
+        if name.endswith(".ko"):
+            with open(os.path.join(modules, name), "rb") as f:
+                add(f"lib/modules/{name}", 0o100644, f.read())
 
 def pad(n):
     return b"\0" * (-n % 4)

@@ -36,6 +36,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 struct Kernel {
     bzimage: PathBuf,
     vmlinux: PathBuf,
+    /// The package's virtio modules (for the initramfs).
+    modules: PathBuf,
 }
 
 /// Runs `images/<script> <args>`; its stdout, or why it failed.
@@ -72,12 +74,15 @@ fn kernel(test: &str) -> Option<&'static Kernel> {
     let result = KERNEL.get_or_init(|| {
         let stdout = run_image_script("fetch-kernel.sh", &[])?;
         let mut lines = stdout.lines();
-        let (Some(bzimage), Some(vmlinux)) = (lines.next(), lines.next()) else {
+        let (Some(bzimage), Some(vmlinux), Some(modules)) =
+            (lines.next(), lines.next(), lines.next())
+        else {
             return Err(format!("images/fetch-kernel.sh printed {stdout:?}"));
         };
         Ok(Kernel {
             bzimage: PathBuf::from(bzimage),
             vmlinux: PathBuf::from(vmlinux),
+            modules: PathBuf::from(modules),
         })
     });
     fetched(test, result)
@@ -86,16 +91,26 @@ fn kernel(test: &str) -> Option<&'static Kernel> {
 /// The marker the test initramfs's /init prints.
 const INITRD_MARKER: &str = "AIVMM-TEST-INITRD";
 
-/// The busybox initramfs (images/make-initrd.sh) with the test's marker.
+/// The busybox initramfs (images/make-initrd.sh) with the test's marker
+/// and the Debian kernel's virtio modules.
 fn initrd(test: &str) -> Option<&'static PathBuf> {
     static INITRD: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let kernel = kernel(test)?;
     let result = INITRD.get_or_init(|| {
+        let modules = kernel.modules.to_string_lossy().into_owned();
         // Rebuilt by each run (cheap), replaced atomically by the script.
         let out = dirs_cache().join("initrd/initrd-test.cpio");
         let out_arg = out.to_string_lossy().into_owned();
         let stdout = run_image_script(
             "make-initrd.sh",
-            &["--out", &out_arg, "--marker", INITRD_MARKER],
+            &[
+                "--out",
+                &out_arg,
+                "--marker",
+                INITRD_MARKER,
+                "--modules",
+                &modules,
+            ],
         )?;
         if stdout.trim() != out_arg {
             return Err(format!(
@@ -653,6 +668,22 @@ fn the_busybox_initrd_holds_init_busybox_and_the_console() {
     );
     let console = entry("dev/console");
     assert_eq!((console.mode & 0o170000, console.rdev), (0o020000, (5, 1)));
+    // Debian's kernel has the virtio drivers as modules: all four are in,
+    // and /init loads them in dependency order.
+    let kernel = kernel(test).expect("the initrd was built from its modules");
+    let mut module_names = Vec::new();
+    for module in ["virtio", "virtio_ring", "virtio_mmio", "virtio_blk"] {
+        if kernel.modules.join(format!("{module}.ko")).exists() {
+            let ko = entry(&format!("lib/modules/{module}.ko"));
+            assert_eq!(&ko.data[..4], b"\x7fELF", "{module}.ko");
+            module_names.push(module);
+        }
+    }
+    assert!(
+        script.contains("for module in virtio virtio_ring virtio_mmio virtio_blk; do"),
+        "{script}"
+    );
+    eprintln!("{test}: modules in the initramfs: {module_names:?}");
 
     let listing = Command::new(dirs_cache().join("initrd/busybox-static/bin/busybox"))
         .args(["cpio", "-t"])
