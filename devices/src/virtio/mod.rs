@@ -4,8 +4,8 @@ pub mod block;
 pub mod console;
 pub mod inference;
 pub mod mmio;
-#[cfg(test)]
-pub(crate) mod test_driver;
+#[cfg(any(test, feature = "test-driver"))]
+pub mod test_driver;
 
 use virtio_queue::Queue;
 

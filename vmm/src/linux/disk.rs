@@ -149,6 +149,8 @@ type DiskTransport = VirtioMmioTransport<Block>;
 #[derive(Default)]
 pub struct Disks {
     transports: Vec<Arc<DiskTransport>>,
+    /// The eventfds KVM signals for each disk's QUEUE_NOTIFY.
+    notify: Vec<EventFd>,
     stop: Option<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
@@ -168,6 +170,7 @@ impl Disks {
         }
         let mut transports = Vec::new();
         let mut notifiers = Vec::new();
+        let mut notify_fds = Vec::new();
         for (index, block) in blocks.into_iter().enumerate() {
             let (addr, irq) = placement(index).ok_or(DiskError::TooMany {
                 count: index + 1,
@@ -187,6 +190,7 @@ impl Disks {
             let notify = vm
                 .register_ioeventfd(addr + QUEUE_NOTIFY)
                 .map_err(|source| DiskError::Vm { index, source })?;
+            notify_fds.push(notify.try_clone().map_err(DiskError::EventFd)?);
             notifiers.push(Notifier {
                 index,
                 notify,
@@ -223,6 +227,7 @@ impl Disks {
             .map_err(DiskError::Thread)?;
         Ok(Disks {
             transports,
+            notify: notify_fds,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -234,6 +239,15 @@ impl Disks {
             .iter()
             .map(|t| t.with_device(|block| block.stats()))
             .collect()
+    }
+
+    /// Signals disk `index`'s notification as KVM does when the guest
+    /// writes its QUEUE_NOTIFY register (false: no such disk).
+    pub fn notify(&self, index: usize) -> std::io::Result<bool> {
+        match self.notify.get(index) {
+            Some(event) => event.write(1).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// Stops and joins the event thread.
