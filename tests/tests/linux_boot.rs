@@ -699,6 +699,19 @@ fn the_busybox_initrd_holds_init_busybox_and_the_console() {
     assert_eq!(names, ours);
 }
 
+#[test]
+fn make_initrd_refuses_bad_arguments_with_the_reason() {
+    for (args, reason) in [
+        (&["--modules", "/nonexistent-aivmm"][..], "not a directory"),
+        (&["--marker", "two words"][..], "the marker may hold only"),
+        (&["--out"][..], "--out needs a file name"),
+        (&["--bogus"][..], "unknown argument --bogus"),
+    ] {
+        let error = run_image_script("make-initrd.sh", args).unwrap_err();
+        assert!(error.contains(reason), "{args:?}: {error}");
+    }
+}
+
 /// Where the image scripts cache what they fetch.
 fn dirs_cache() -> PathBuf {
     std::env::var_os("AIVMM_CACHE")
