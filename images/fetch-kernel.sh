@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Fetches a real Debian x86-64 Linux kernel for Linux-guest partitions and
-# prints two paths on stdout, one per line (progress goes to stderr):
+# prints three paths on stdout, one per line (progress goes to stderr):
 #
 #   line 1: the bzImage (/boot/vmlinuz-* of the package)
 #   line 2: the uncompressed vmlinux ELF, taken out of the bzImage's payload
+#   line 3: a directory with the package's virtio modules for virtio-mmio
+#           disks (virtio, virtio_ring, virtio_mmio, virtio_blk .ko; empty
+#           when the kernel has them built in), for make-initrd.sh --modules
 #
 #   images/fetch-kernel.sh [--dest DIR] [PACKAGE]
 #
@@ -34,7 +37,7 @@ while [ $# -gt 0 ]; do
       shift 2
       ;;
     -h | --help)
-      sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     -*) die "unknown option $1 (see --help)" ;;
@@ -75,9 +78,10 @@ mkdir -p "$dest"
 dir="$dest/$package"
 bzimage="$(ls "$dir"/vmlinuz-* 2>/dev/null | head -n 1 || true)"
 vmlinux="${bzimage/vmlinuz-/vmlinux-}"
-if [ -n "$bzimage" ] && [ -s "$bzimage" ] && [ -s "$vmlinux" ]; then
+if [ -n "$bzimage" ] && [ -s "$bzimage" ] && [ -s "$vmlinux" ] && [ -d "$dir/modules" ]; then
   echo "$bzimage"
   echo "$vmlinux"
+  echo "$dir/modules"
   exit 0
 fi
 
@@ -94,8 +98,12 @@ dpkg-deb -x "$deb" "$work/root" || die "dpkg-deb cannot unpack $deb"
 found="$(ls "$work"/root/boot/vmlinuz-* 2>/dev/null | head -n 1 || true)"
 [ -n "$found" ] || die "$package has no /boot/vmlinuz-* (is it a kernel image package?)"
 name="$(basename "$found")"
-mkdir -p "$work/out"
+mkdir -p "$work/out/modules"
 cp "$found" "$work/out/$name"
+for module in virtio virtio_ring virtio_mmio virtio_blk; do
+  ko="$(find "$work"/root/lib/modules -name "$module.ko*" 2>/dev/null | head -n 1)"
+  [ -z "$ko" ] || cp "$ko" "$work/out/modules/"
+done
 echo "fetch-kernel: extracting vmlinux from $name" >&2
 python3 - "$work/out/$name" "$work/out/${name/vmlinuz-/vmlinux-}" <<'PYTHON'
 import bz2
@@ -163,3 +171,4 @@ rm -rf "$dir"
 mv "$work/out" "$dir"
 echo "$dir/$name"
 echo "$dir/${name/vmlinuz-/vmlinux-}"
+echo "$dir/modules"

@@ -79,7 +79,7 @@ fn iasl_reads_what_the_tables_say() {
     };
     let dir = std::env::temp_dir().join(format!("aivmm-acpi-{}", std::process::id()));
     let vcpus = 3;
-    let tables = disassemble(&iasl, &acpi::build(vcpus).unwrap(), &dir);
+    let tables = disassemble(&iasl, &acpi::build(vcpus, 2).unwrap(), &dir);
 
     let madt = dsl(&tables, "APIC");
     assert_eq!(
@@ -117,6 +117,23 @@ fn iasl_reads_what_the_tables_say() {
         "WordBusNumber",
     ] {
         assert!(dsdt.contains(expected), "{expected:?} in:\n{dsdt}");
+    }
+    // The two disks: virtio-mmio devices with their window and IRQ.
+    assert_eq!(
+        dsdt.matches("Name (_HID, \"LNRO0005\")").count(),
+        2,
+        "{dsdt}"
+    );
+    for index in 0..2 {
+        let (addr, irq) = aivmm::linux::disk::placement(index).unwrap();
+        assert!(
+            dsdt.contains(&format!("0x{addr:08X}")),
+            "{addr:#x} in:\n{dsdt}"
+        );
+        assert!(
+            dsdt.contains(&format!("0x{irq:08X},")),
+            "IRQ {irq} in:\n{dsdt}"
+        );
     }
     // The BAR windows, by their first and last addresses.
     for (start, end) in [MMIO32_WINDOW, MMIO64_WINDOW] {

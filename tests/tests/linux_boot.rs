@@ -1,7 +1,8 @@
 //! The Linux guest boot path, with a real Debian kernel fetched (and cached)
 //! by images/fetch-kernel.sh: what the loader builds in guest memory from
 //! the real vmlinux and bzImage, the errors for bad input, and a boot under
-//! this machine's KVM that reports how far the kernel gets.
+//! this machine's KVM that reports how far the kernel gets (with the
+//! busybox initramfs of images/make-initrd.sh and a virtio-blk disk).
 //!
 //! Fetching the kernel needs apt and the network: outside CI a failure to
 //! fetch is a printed skip, under CI (CI set) it is a test failure.
@@ -15,13 +16,16 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use aivmm::linux::boot_cpu::Entry;
 use aivmm::linux::boot_params::{
     BOOT_FLAG, CMDLINE_ADDR, HDRS_MAGIC, LOADER_UNDEFINED, ZERO_PAGE_ADDR,
 };
+use aivmm::linux::disk::DiskSpec;
 use aivmm::linux::e820::create_guest_ram;
 use aivmm::linux::loader::{KernelFormat, LoaderError};
 use aivmm::linux::{
@@ -30,7 +34,94 @@ use aivmm::linux::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use common::debian_kernel as kernel;
-use common::seconds_from_env;
+use common::{fetched, run_image_script, seconds_from_env};
+
+/// The marker the test initramfs's /init prints.
+const INITRD_MARKER: &str = "AIVMM-TEST-INITRD";
+
+/// The busybox initramfs (images/make-initrd.sh) with the test's marker
+/// and the Debian kernel's virtio modules.
+fn initrd(test: &str) -> Option<&'static PathBuf> {
+    static INITRD: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let kernel = kernel(test)?;
+    let result = INITRD.get_or_init(|| {
+        let modules = kernel.modules.to_string_lossy().into_owned();
+        // Rebuilt by each run (cheap), replaced atomically by the script.
+        let out = dirs_cache().join("initrd/initrd-test.cpio");
+        let out_arg = out.to_string_lossy().into_owned();
+        let stdout = run_image_script(
+            "make-initrd.sh",
+            &[
+                "--out",
+                &out_arg,
+                "--marker",
+                INITRD_MARKER,
+                "--modules",
+                &modules,
+            ],
+        )?;
+        if stdout.trim() != out_arg {
+            return Err(format!(
+                "images/make-initrd.sh printed {stdout:?}, not {out_arg}"
+            ));
+        }
+        Ok(out)
+    });
+    fetched(test, result)
+}
+
+/// One member of a newc ("070701") cpio archive.
+#[derive(Debug)]
+struct CpioEntry {
+    name: String,
+    mode: u32,
+    rdev: (u32, u32),
+    data: Vec<u8>,
+}
+
+/// Reads a newc archive as the kernel's initramfs unpacker does: a 110-byte
+/// header of hex fields, the NUL-terminated name and the data, each padded
+/// to 4 bytes, until TRAILER!!!.
+fn read_newc(bytes: &[u8]) -> Result<Vec<CpioEntry>, String> {
+    let mut entries = Vec::new();
+    let mut at = 0usize;
+    let align = |n: usize| n.div_ceil(4) * 4;
+    loop {
+        let header = bytes
+            .get(at..at + 110)
+            .ok_or(format!("truncated header at {at}"))?;
+        if &header[..6] != b"070701" {
+            return Err(format!("bad magic at {at}: {:?}", &header[..6]));
+        }
+        let field = |i: usize| {
+            let text =
+                std::str::from_utf8(&header[6 + 8 * i..14 + 8 * i]).map_err(|e| e.to_string())?;
+            u32::from_str_radix(text, 16).map_err(|e| format!("field {i} {text:?}: {e}"))
+        };
+        let (mode, size, namesize) = (field(1)?, field(6)? as usize, field(11)? as usize);
+        let name_bytes = bytes
+            .get(at + 110..at + 110 + namesize)
+            .ok_or(format!("truncated name at {at}"))?;
+        let name =
+            String::from_utf8_lossy(name_bytes.strip_suffix(b"\0").ok_or("name without NUL")?)
+                .into_owned();
+        let data_at = align(at + 110 + namesize);
+        let data = bytes
+            .get(data_at..data_at + size)
+            .ok_or(format!("truncated data of {name}"))?
+            .to_vec();
+        at = align(data_at + size);
+        if name == "TRAILER!!!" {
+            return Ok(entries);
+        }
+        entries.push(CpioEntry {
+            name,
+            mode,
+            rdev: (field(9)?, field(10)?),
+            data,
+        });
+    }
+}
 
 fn config(kernel: &Path, memory_bytes: u64) -> LinuxConfig {
     LinuxConfig {
@@ -44,6 +135,8 @@ fn config(kernel: &Path, memory_bytes: u64) -> LinuxConfig {
         console: None,
         console_capture_limit: 1 << 20,
         devices: Vec::new(),
+        disks: Vec::new(),
+        input: None,
     }
 }
 
@@ -335,8 +428,8 @@ fn symbolize(symbols: &[(u64, String)], rip: u64) -> String {
     }
 }
 
-/// Boots `image` on one vCPU until `needle` appears on the serial console
-/// or the bound passes, prints how far it got (exits, RIP samples named by
+/// Boots `image` on one vCPU until a line with `needle` is on the serial
+/// console or the bound passes, prints how far it got (exits, RIP samples named by
 /// AIVMM_LINUX_SYSTEM_MAP's symbols, the console), and checks what holds at
 /// any emulated speed: the kernel ran from its entry point without faulting.
 /// Returns whether `needle` was seen, and the console.
@@ -346,13 +439,19 @@ fn boot_and_report(
     protocol: BootProtocol,
     needle: &str,
     timeout: Duration,
+    customize: impl FnOnce(&mut LinuxConfig),
 ) -> (bool, String) {
     let mut config = config(image, 256 << 20);
     config.protocol = protocol;
+    customize(&mut config);
     let vm = LinuxVm::start(config).unwrap_or_else(|error| panic!("{test}: {error}"));
     let entry = vm.layout.entry;
+    // The whole line: the kernel prints it a byte at a time.
     let seen = vm.wait_until(timeout, Some(Duration::from_secs(1)), &mut |console| {
-        String::from_utf8_lossy(console).contains(needle)
+        let console = String::from_utf8_lossy(console);
+        console
+            .find(needle)
+            .is_some_and(|at| console[at..].contains('\n'))
     });
     let outcome = vm.stop();
 
@@ -438,17 +537,126 @@ fn debian_vmlinux_boots_under_kvm_towards_its_first_console_line() {
     let Some(kernel) = kernel(test) else {
         return;
     };
+    let Some(initrd) = initrd(test) else {
+        return;
+    };
+    // With the busybox initramfs and a disk attached, as a user reaching
+    // for a shell boots it.
+    let disk = std::env::temp_dir().join(format!("aivmm-boot-disk-{}.img", std::process::id()));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let timeout = seconds_from_env("AIVMM_LINUX_BOOT_TIMEOUT", 180);
+    // The early console replays the boot log: "Linux version", then the
+    // command line the kernel got.
     let (seen, console) = boot_and_report(
         test,
         &kernel.vmlinux,
         protocol_from_env(),
-        "Linux version",
+        "Command line:",
         timeout,
+        |config| {
+            config.initrd = Some(initrd.clone());
+            config.disks = vec![DiskSpec {
+                path: disk.clone(),
+                read_only: false,
+            }];
+        },
     );
+    let _ = std::fs::remove_file(&disk);
     if seen {
         assert!(console.contains("Linux version 6."), "{console}");
+        // The disk is in the DSDT (LNRO0005), not on the command line.
+        assert!(!console.contains("virtio_mmio.device="), "{console}");
     }
+}
+
+/// images/make-initrd.sh writes a newc archive the kernel can unpack: /init
+/// (executable, printing the marker and starting a shell on the console),
+/// the static busybox, the console's device node. The listing of busybox's
+/// own cpio applet agrees.
+#[test]
+fn the_busybox_initrd_holds_init_busybox_and_the_console() {
+    let test = "the_busybox_initrd_holds_init_busybox_and_the_console";
+    let Some(path) = initrd(test) else {
+        return;
+    };
+    let bytes = std::fs::read(path).unwrap();
+    let entries = read_newc(&bytes).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+    let entry = |name: &str| {
+        entries
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("{name} is not in the archive: {entries:?}"))
+    };
+    let init = entry("init");
+    assert_eq!(init.mode, 0o100755, "/init is an executable file");
+    let script = String::from_utf8_lossy(&init.data);
+    assert!(script.starts_with("#!/bin/busybox sh\n"), "{script}");
+    assert!(
+        script.contains(&format!("echo \"{INITRD_MARKER}:")),
+        "{script}"
+    );
+    assert!(script.contains("mount -t proc proc /proc"), "{script}");
+    assert!(script.contains("cttyhack sh"), "{script}");
+    let busybox = entry("bin/busybox");
+    assert_eq!(busybox.mode & 0o170111, 0o100111, "an executable file");
+    assert_eq!(&busybox.data[..4], b"\x7fELF");
+    assert!(
+        busybox.data.len() > 500_000,
+        "the static busybox, not a stub"
+    );
+    let console = entry("dev/console");
+    assert_eq!((console.mode & 0o170000, console.rdev), (0o020000, (5, 1)));
+    // Debian's kernel has the virtio drivers as modules: all four are in,
+    // and /init loads them in dependency order.
+    let kernel = kernel(test).expect("the initrd was built from its modules");
+    let mut module_names = Vec::new();
+    for module in ["virtio", "virtio_ring", "virtio_mmio", "virtio_blk"] {
+        if kernel.modules.join(format!("{module}.ko")).exists() {
+            let ko = entry(&format!("lib/modules/{module}.ko"));
+            assert_eq!(&ko.data[..4], b"\x7fELF", "{module}.ko");
+            module_names.push(module);
+        }
+    }
+    assert!(
+        script.contains("for module in virtio virtio_ring virtio_mmio virtio_blk; do"),
+        "{script}"
+    );
+    eprintln!("{test}: modules in the initramfs: {module_names:?}");
+
+    let listing = Command::new(dirs_cache().join("initrd/busybox-static/bin/busybox"))
+        .args(["cpio", "-t"])
+        .stdin(std::fs::File::open(path).unwrap())
+        .output()
+        .unwrap();
+    assert!(listing.status.success(), "{listing:?}");
+    let names: Vec<String> = String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let ours: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ours);
+}
+
+#[test]
+fn make_initrd_refuses_bad_arguments_with_the_reason() {
+    for (args, reason) in [
+        (&["--modules", "/nonexistent-aivmm"][..], "not a directory"),
+        (&["--marker", "two words"][..], "the marker may hold only"),
+        (&["--out"][..], "--out needs a file name"),
+        (&["--bogus"][..], "unknown argument --bogus"),
+    ] {
+        let error = run_image_script("make-initrd.sh", args).unwrap_err();
+        assert!(error.contains(reason), "{args:?}: {error}");
+    }
+}
+
+/// Where the image scripts cache what they fetch.
+fn dirs_cache() -> PathBuf {
+    std::env::var_os("AIVMM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/aivmm")
+        })
 }
 
 /// The bzImage's own decompressor runs first: it relocates itself to the
@@ -474,6 +682,7 @@ fn debian_bzimage_boots_under_kvm_into_its_decompressor() {
         BootProtocol::Linux64,
         "Linux version",
         timeout,
+        |_| {},
     );
 }
 

@@ -171,23 +171,10 @@ impl VirtioDevice for Console {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::{MmioAction, MmioDevice};
     use crate::virtio::mmio::VirtioMmioTransport;
+    use crate::virtio::test_driver::{read32, write32};
     use aivmm_guest_abi::virtio_mmio as reg;
     use vm_memory::GuestAddress;
-
-    fn write32(device: &dyn MmioDevice, offset: u64, value: u32) {
-        assert_eq!(
-            device.write(0, offset, &value.to_le_bytes()).unwrap(),
-            MmioAction::Continue
-        );
-    }
-
-    fn read32(device: &dyn MmioDevice, offset: u64) -> u32 {
-        let mut data = [0u8; 4];
-        device.read(0, offset, &mut data).unwrap();
-        u32::from_le_bytes(data)
-    }
 
     /// Drives the transport like the guest driver does, with a real split
     /// queue in guest memory, and checks the text arrives and the buffer is

@@ -359,17 +359,11 @@ impl VirtioDevice for InferenceDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::{MmioAction, MmioDevice};
+    use crate::bus::MmioDevice;
     use crate::virtio::mmio::VirtioMmioTransport;
+    use crate::virtio::test_driver::write32;
     use aivmm_guest_abi::virtio_mmio as reg;
     use std::sync::mpsc;
-
-    fn write32(device: &dyn MmioDevice, offset: u64, value: u32) {
-        assert_eq!(
-            device.write(0, offset, &value.to_le_bytes()).unwrap(),
-            MmioAction::Continue
-        );
-    }
 
     /// Queue memory of the test driver: (descriptors, avail, used) per queue.
     const QUEUES: [(u64, u64, u64); 2] = [(0x1000, 0x2000, 0x3000), (0x4000, 0x5000, 0x6000)];

@@ -1,5 +1,9 @@
-//! The virtio-mmio transport, version 2 (virtio 1.2, section 4.2.2). No
-//! interrupts are raised: the guest polls the used rings.
+//! The virtio-mmio transport, version 2 (virtio 1.2, section 4.2.2).
+//!
+//! Without an interrupt line (the inference kernel) the guest polls the used
+//! rings. With one ([`VirtioMmioTransport::with_interrupt`], a Linux guest),
+//! each time the device returns buffers the transport sets the "used buffer"
+//! bit of INTERRUPT_STATUS and raises the line.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -19,7 +23,14 @@ struct TransportState<D> {
     driver_features_select: u32,
     driver_features: u64,
     queue_select: u32,
+    interrupt_status: u32,
 }
+
+/// INTERRUPT_STATUS bit: the device used buffers in at least one queue.
+pub const INTERRUPT_USED_BUFFER: u32 = 1;
+
+/// Raises the device's interrupt (an irqfd write, say).
+pub type InterruptLine = Box<dyn Fn() -> std::io::Result<()> + Send + Sync>;
 
 /// A virtio device on MMIO.
 pub struct VirtioMmioTransport<D> {
@@ -27,6 +38,8 @@ pub struct VirtioMmioTransport<D> {
     memory: GuestMemory,
     state: Mutex<TransportState<D>>,
     notifications: AtomicU64,
+    interrupt: Option<InterruptLine>,
+    interrupt_failures: AtomicU64,
 }
 
 impl<D: VirtioDevice> VirtioMmioTransport<D> {
@@ -55,9 +68,45 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
                 driver_features_select: 0,
                 driver_features: 0,
                 queue_select: 0,
+                interrupt_status: 0,
             }),
             notifications: AtomicU64::new(0),
+            interrupt: None,
+            interrupt_failures: AtomicU64::new(0),
         })
+    }
+
+    /// Raises `line` whenever the device returns buffers to the guest.
+    pub fn with_interrupt(mut self, line: InterruptLine) -> Self {
+        self.interrupt = Some(line);
+        self
+    }
+
+    /// Interrupts that could not be raised (the line's error was dropped).
+    pub fn interrupt_failures(&self) -> u64 {
+        self.interrupt_failures.load(Ordering::Relaxed)
+    }
+
+    /// Runs `process` on `queue`, then interrupts the guest if it used
+    /// buffers and the driver wants to hear about it.
+    fn process_and_signal<T>(
+        &self,
+        interrupt_status: &mut u32,
+        queue: &mut Queue,
+        process: impl FnOnce(&mut Queue) -> T,
+    ) -> T {
+        let used_before = queue.next_used();
+        let result = process(queue);
+        if let Some(line) = &self.interrupt {
+            let wanted = queue.needs_notification(&self.memory).unwrap_or(true);
+            if queue.next_used() != used_before && wanted {
+                *interrupt_status |= INTERRUPT_USED_BUFFER;
+                if line().is_err() {
+                    self.interrupt_failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        result
     }
 
     /// How many QUEUE_NOTIFY writes the guest made (each one a VM exit).
@@ -94,7 +143,12 @@ impl<D: VirtioDevice> VirtioMmioTransport<D> {
         if !queue.is_valid(&self.memory) {
             return None;
         }
-        Some(f(&mut state.device, queue, &self.memory))
+        let device = &mut state.device;
+        Some(
+            self.process_and_signal(&mut state.interrupt_status, queue, |queue| {
+                f(device, queue, &self.memory)
+            }),
+        )
     }
 
     fn offered_features(device: &D) -> u64 {
@@ -116,6 +170,7 @@ impl<D> TransportState<D> {
         self.driver_features_select = 0;
         self.driver_features = 0;
         self.queue_select = 0;
+        self.interrupt_status = 0;
         for queue in &mut self.queues {
             queue.reset();
         }
@@ -157,7 +212,7 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmioTransport<D> {
             }
             reg::QUEUE_NUM_MAX => state.selected_queue().map_or(0, |q| q.max_size() as u32),
             reg::QUEUE_READY => state.selected_queue().map_or(0, |q| q.ready() as u32),
-            reg::INTERRUPT_STATUS => 0,
+            reg::INTERRUPT_STATUS => state.interrupt_status,
             reg::STATUS => state.status,
             reg::CONFIG_GENERATION => 0,
             _ => {
@@ -239,10 +294,13 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmioTransport<D> {
                             why: "notified, but the queue is not ready or its rings are not in guest RAM".into(),
                         });
                     }
-                    state.device.process_queue(index, queue, &self.memory)?;
+                    let device = &mut state.device;
+                    self.process_and_signal(&mut state.interrupt_status, queue, |queue| {
+                        device.process_queue(index, queue, &self.memory)
+                    })?;
                 }
             }
-            reg::INTERRUPT_ACK => {}
+            reg::INTERRUPT_ACK => state.interrupt_status &= !value,
             reg::STATUS => {
                 if value == 0 {
                     state.reset();

@@ -1,8 +1,11 @@
 //! virtio devices on the virtio-mmio transport, built on `virtio-queue`.
 
+pub mod block;
 pub mod console;
 pub mod inference;
 pub mod mmio;
+#[cfg(any(test, feature = "test-driver"))]
+pub mod test_driver;
 
 use virtio_queue::Queue;
 

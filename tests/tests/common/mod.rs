@@ -99,10 +99,40 @@ pub fn with_greedy_host_engine<R>(
     f(&mut engine)
 }
 
+/// Runs `images/<script> <args>`; its stdout, or why it failed.
+pub fn run_image_script(script: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(repo_root().join("images").join(script))
+        .args(args)
+        .output()
+        .map_err(|error| format!("cannot run images/{script}: {error}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "images/{script} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What a fetching script made, or None (with a printed reason) when it
+/// failed outside CI; under CI its failure fails the test.
+pub fn fetched<T>(test: &str, result: &'static Result<T, String>) -> Option<&'static T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(reason) if in_ci() => panic!("{test}: {reason}"),
+        Err(reason) => {
+            eprintln!("{test}: SKIPPED: {reason} (set CI=true to make this a failure)");
+            None
+        }
+    }
+}
+
 /// The Debian kernel of images/fetch-kernel.sh (fetched with apt, cached).
 pub struct Kernel {
     pub bzimage: PathBuf,
     pub vmlinux: PathBuf,
+    /// The package's virtio modules (for the initramfs).
+    pub modules: PathBuf,
 }
 
 /// The Debian kernel, or None (with a printed reason) when it cannot be
@@ -110,33 +140,20 @@ pub struct Kernel {
 pub fn debian_kernel(test: &str) -> Option<&'static Kernel> {
     static KERNEL: OnceLock<Result<Kernel, String>> = OnceLock::new();
     let result = KERNEL.get_or_init(|| {
-        let out = Command::new(repo_root().join("images/fetch-kernel.sh"))
-            .output()
-            .map_err(|error| format!("cannot run images/fetch-kernel.sh: {error}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "images/fetch-kernel.sh failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = run_image_script("fetch-kernel.sh", &[])?;
         let mut lines = stdout.lines();
-        let (Some(bzimage), Some(vmlinux)) = (lines.next(), lines.next()) else {
+        let (Some(bzimage), Some(vmlinux), Some(modules)) =
+            (lines.next(), lines.next(), lines.next())
+        else {
             return Err(format!("images/fetch-kernel.sh printed {stdout:?}"));
         };
         Ok(Kernel {
             bzimage: PathBuf::from(bzimage),
             vmlinux: PathBuf::from(vmlinux),
+            modules: PathBuf::from(modules),
         })
     });
-    match result {
-        Ok(kernel) => Some(kernel),
-        Err(reason) if in_ci() => panic!("{test}: {reason}"),
-        Err(reason) => {
-            eprintln!("{test}: SKIPPED: {reason} (set CI=true to make this a failure)");
-            None
-        }
-    }
+    fetched(test, result)
 }
 
 /// A duration in seconds from the environment variable `name`, or `default`.

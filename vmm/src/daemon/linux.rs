@@ -204,6 +204,9 @@ pub fn boot(plan: &LinuxPlan, cgroup_name: Option<String>) -> Result<LinuxRun, S
         console: Some(Box::new(console)),
         console_capture_limit: 0,
         devices: plan.devices.clone(),
+        disks: Vec::new(),
+        // The console goes to the log file; there is no input to give it.
+        input: None,
     };
     let isolation = ThreadIsolation {
         cgroup: cgroup.clone(),

@@ -10,7 +10,9 @@
 //! - MCFG: the ECAM window of [`super::pci`].
 //! - DSDT: `\_SB.PCI0`, a PCI Express host bridge (PNP0A08, PNP0A03
 //!   compatible) whose _CRS gives the bus range, the I/O ports and the
-//!   32- and 64-bit MMIO windows BARs may be placed in.
+//!   32- and 64-bit MMIO windows BARs may be placed in; and one virtio-mmio
+//!   device (`LNRO0005`, as Firecracker describes them) per disk, which is
+//!   how a kernel with a modular virtio_mmio (Debian's) finds the disks.
 //!
 //! The tables sit in the BIOS area from [`ACPI_START`], which e820 reserves;
 //! the RSDP is first, 16-byte aligned, so Linux also finds it by scanning
@@ -29,6 +31,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::disk::{self, DISK_MMIO_SIZE};
 use super::mptable::{IOAPIC_ADDR, LAPIC_ADDR, MAX_VCPUS, MPTABLE_ADDR};
 use super::pci::{BUS_RANGE, ECAM_BASE, IO_WINDOW, MMIO32_WINDOW, MMIO64_WINDOW};
 
@@ -83,8 +86,9 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-/// The DSDT: the PCI host bridge and its resources.
-fn dsdt() -> Vec<u8> {
+/// The DSDT: the PCI host bridge and its resources, and `disks` virtio-mmio
+/// disks.
+fn dsdt(disks: usize) -> Vec<u8> {
     let (io_start, io_end) = IO_WINDOW;
     let bus = AddressSpace::new_bus_number(u16::from(BUS_RANGE.0), u16::from(BUS_RANGE.1));
     // The conf1 ports belong to the bridge itself.
@@ -120,7 +124,38 @@ fn dsdt() -> Vec<u8> {
         "PCI0".into(),
         vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
     );
-    let sb = Scope::new(Path::new("\\_SB_"), vec![&pci0]);
+    // virtio-mmio disks: a 4 KiB register window and an edge-triggered ISA
+    // IRQ each (the irqfd KVM injects is an edge).
+    const DISK_HID: &str = "LNRO0005";
+    let disk_objects: Vec<(String, [Name; 3])> = (0..disks)
+        .map_while(disk::placement)
+        .enumerate()
+        .map(|(index, (addr, irq))| {
+            let window = aml::Memory32Fixed::new(true, addr as u32, DISK_MMIO_SIZE as u32);
+            let interrupt = aml::Interrupt::new(true, true, false, false, irq);
+            let crs = ResourceTemplate::new(vec![&window, &interrupt]);
+            (
+                format!("VR{index:02}"),
+                [
+                    Name::new("_HID".into(), &DISK_HID),
+                    Name::new("_UID".into(), &(index as u32)),
+                    Name::new("_CRS".into(), &crs),
+                ],
+            )
+        })
+        .collect();
+    let disk_devices: Vec<Device> = disk_objects
+        .iter()
+        .map(|(name, objects)| {
+            Device::new(
+                name.as_str().into(),
+                objects.iter().map(|object| object as &dyn Aml).collect(),
+            )
+        })
+        .collect();
+    let mut children: Vec<&dyn Aml> = vec![&pci0];
+    children.extend(disk_devices.iter().map(|device| device as &dyn Aml));
+    let sb = Scope::new(Path::new("\\_SB_"), children);
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, *b"AIVMDSDT", OEM_REVISION);
     sb.to_aml_bytes(&mut dsdt);
     dsdt.as_slice().to_vec()
@@ -171,8 +206,8 @@ fn mcfg() -> Vec<u8> {
     bytes_of(&mcfg)
 }
 
-/// Builds the tables for `vcpus` vCPUs.
-pub fn build(vcpus: u32) -> Result<AcpiTables, AcpiError> {
+/// Builds the tables for `vcpus` vCPUs and `disks` virtio-mmio disks.
+pub fn build(vcpus: u32, disks: usize) -> Result<AcpiTables, AcpiError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(AcpiError::VcpuCount { vcpus });
     }
@@ -186,7 +221,7 @@ pub fn build(vcpus: u32) -> Result<AcpiTables, AcpiError> {
         bytes.extend_from_slice(&table);
         addr
     };
-    let dsdt_addr = place(&mut bytes, dsdt());
+    let dsdt_addr = place(&mut bytes, dsdt(disks));
     let fadt_addr = place(&mut bytes, fadt(dsdt_addr));
     let madt_addr = place(&mut bytes, madt(vcpus));
     let mcfg_addr = place(&mut bytes, mcfg());
@@ -208,8 +243,8 @@ pub fn build(vcpus: u32) -> Result<AcpiTables, AcpiError> {
 }
 
 /// Writes the tables for `vcpus` vCPUs into guest memory; the RSDP's address.
-pub fn write(memory: &GuestMemoryMmap, vcpus: u32) -> Result<u64, AcpiError> {
-    let tables = build(vcpus)?;
+pub fn write(memory: &GuestMemoryMmap, vcpus: u32, disks: usize) -> Result<u64, AcpiError> {
+    let tables = build(vcpus, disks)?;
     memory.write_slice(&tables.bytes, GuestAddress(ACPI_START))?;
     Ok(tables.rsdp)
 }
@@ -232,7 +267,7 @@ mod tests {
 
     #[test]
     fn checksums_lengths_and_links() {
-        let acpi = build(4).unwrap();
+        let acpi = build(4, 0).unwrap();
         let rsdp = &acpi.bytes[..36];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(rsdp[15], 2, "ACPI 2.0+ RSDP");
@@ -268,7 +303,7 @@ mod tests {
 
     #[test]
     fn madt_and_mcfg_entries() {
-        let acpi = build(3).unwrap();
+        let acpi = build(3, 2).unwrap();
         let madt = acpi.table(b"APIC").unwrap();
         assert_eq!(u32_at(madt, 36), LAPIC_ADDR);
         let mut at = 44;
@@ -293,7 +328,7 @@ mod tests {
         assert_eq!(mcfg.len(), 44 + 16);
         assert_eq!(u64_at(mcfg, 44), ECAM_BASE);
         assert_eq!(&mcfg[54..56], &[0, 0], "buses 0-0");
-        assert!(matches!(build(0), Err(AcpiError::VcpuCount { .. })));
-        assert!(build(MAX_VCPUS).is_ok());
+        assert!(matches!(build(0, 0), Err(AcpiError::VcpuCount { .. })));
+        assert!(build(MAX_VCPUS, disk::DISK_IRQS.len()).is_ok());
     }
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use aivmm_passthrough::bdf::Bdf;
 use clap::{Args, ValueEnum};
 
+use super::disk::DiskSpec;
+use super::serial_input::{SerialInput, ESCAPE, QUIT};
 use super::{BootProtocol, LinuxConfig, LinuxEnd, LinuxError, LinuxOutcome, LinuxVm};
 
 /// The guest memory of a Linux guest when --memory is not given.
@@ -37,12 +39,20 @@ pub struct LinuxArgs {
     /// Kernel command line for --kernel.
     #[arg(long, requires = "kernel", default_value = super::DEFAULT_CMDLINE)]
     pub cmdline: String,
-    /// Write the guest's serial console to this file instead of stdout.
+    /// Write the guest's serial console to this file instead of stdout
+    /// (without it, stdin is the console's input: from a terminal, in raw
+    /// mode, with Ctrl-A x to stop the VM).
     #[arg(long, requires = "kernel")]
     pub console_log: Option<PathBuf>,
     /// Entry point of --kernel.
     #[arg(long, value_enum, requires = "kernel", default_value = "auto")]
     pub boot_protocol: ProtocolArg,
+    /// Attach a disk image as a virtio-blk device on virtio-mmio
+    /// (repeatable; /dev/vda, /dev/vdb, ... in a guest kernel built with
+    /// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES). PATH,ro attaches it read-only.
+    /// Images are locked: a writable one cannot be used by two VMs at once.
+    #[arg(long = "disk", value_name = "PATH[,ro]", requires = "kernel")]
+    pub disks: Vec<DiskSpec>,
     /// Stop the Linux guest after this many seconds (default: run until it
     /// powers off or reboots).
     #[arg(long, requires = "kernel")]
@@ -77,6 +87,47 @@ pub enum LinuxCliError {
     Guest(LinuxEnd),
 }
 
+/// Stdin in raw mode while it lives (keys go to the guest as typed);
+/// canonical mode again when dropped, on every way out of [`run`].
+struct RawTerminal;
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        use vmm_sys_util::terminal::Terminal;
+        std::io::stdin()
+            .lock()
+            .set_raw_mode()
+            .ok()
+            .map(|()| RawTerminal)
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        use vmm_sys_util::terminal::Terminal;
+        let _ = std::io::stdin().lock().set_canon_mode();
+    }
+}
+
+/// Stdin as the serial console's input (a terminal in raw mode, or a pipe
+/// or file as it is); none if stdin is closed.
+fn stdin_input() -> (Option<SerialInput>, Option<RawTerminal>) {
+    use std::io::IsTerminal;
+    use std::os::fd::AsFd;
+    let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else {
+        return (None, None);
+    };
+    let raw = std::io::stdin()
+        .is_terminal()
+        .then(RawTerminal::enter)
+        .flatten();
+    let input = SerialInput {
+        source: std::fs::File::from(fd),
+        interactive: raw.is_some(),
+    };
+    (Some(input), raw)
+}
+
 /// Boots `kernel` with the sizes already resolved by `aivmm run`.
 pub fn run(
     args: &LinuxArgs,
@@ -85,6 +136,10 @@ pub fn run(
     host_cpus: Option<Vec<usize>>,
     memory_bytes: u64,
 ) -> Result<LinuxOutcome, LinuxCliError> {
+    let (input, raw_terminal) = match &args.console_log {
+        Some(_) => (None, None),
+        None => stdin_input(),
+    };
     let console: Box<dyn Write + Send> =
         match &args.console_log {
             Some(path) => Box::new(std::fs::File::create(path).map_err(|source| {
@@ -111,14 +166,23 @@ pub fn run(
         console: Some(console),
         console_capture_limit: 0,
         devices: args.devices.clone(),
+        disks: args.disks.clone(),
+        input,
     };
     let vm = LinuxVm::start(config)?;
     for line in &vm.devices {
         eprintln!("[device {line}]");
     }
+    if raw_terminal.is_some() {
+        eprintln!(
+            "[serial console input from this terminal; Ctrl-{} {} stops the VM]",
+            (b'@' + ESCAPE) as char,
+            QUIT as char
+        );
+    }
     if vm.cmdline != cmdline {
         eprintln!(
-            "[this host's KVM emulates guest kernel code (PVM): the command line is {:?}]",
+            "[the kernel's command line, with the disks and any workarounds for a host that emulates guest kernel code (PVM): {:?}]",
             vm.cmdline
         );
     }
@@ -138,6 +202,7 @@ pub fn run(
     // Without --timeout: until the guest ends (136 years is as good as never).
     let timeout = Duration::from_secs(args.timeout.unwrap_or(u64::from(u32::MAX)));
     let outcome = vm.run(timeout);
+    drop(raw_terminal);
     print_summary(&mut std::io::stderr(), &outcome);
     match outcome.end {
         LinuxEnd::Stopped | LinuxEnd::Reset | LinuxEnd::PowerOff => Ok(outcome),
@@ -155,6 +220,13 @@ pub fn print_summary(w: &mut dyn Write, outcome: &LinuxOutcome) {
         outcome.console_total,
         outcome.unhandled_ports
     );
+    for (index, disk) in outcome.disks.iter().enumerate() {
+        let _ = writeln!(
+            w,
+            "[disk {index}: {} requests, {} bytes read, {} bytes written, {} flushes, {} errors]",
+            disk.requests, disk.bytes_read, disk.bytes_written, disk.flushes, disk.errors
+        );
+    }
     for (index, exits) in outcome.exits.iter().enumerate() {
         let state = outcome.states.get(index).copied().flatten();
         let _ = writeln!(
@@ -235,6 +307,60 @@ mod tests {
         assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--model", "m.gguf"]).is_err());
         assert!(RunArgs::try_parse_from(["run", "--initrd", "initrd.img"]).is_err());
         assert!(RunArgs::try_parse_from(["run", "--cmdline", "quiet"]).is_err());
+        let disks = RunArgs::try_parse_from([
+            "run",
+            "--kernel",
+            "k",
+            "--disk",
+            "root.img",
+            "--disk",
+            "data.img,ro",
+        ])
+        .unwrap()
+        .linux
+        .disks;
+        assert_eq!(disks.len(), 2);
+        assert!(!disks[0].read_only && disks[1].read_only);
+        assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--disk", "a,bad"]).is_err());
+        assert!(RunArgs::try_parse_from(["run", "--disk", "root.img"]).is_err());
+    }
+
+    #[test]
+    fn missing_and_busy_disks_fail_before_anything_runs() {
+        let dir = std::env::temp_dir();
+        let kernel = dir.join(format!("aivmm-disk-kernel-{}", std::process::id()));
+        std::fs::write(&kernel, "not a kernel").unwrap();
+        let image = dir.join(format!("aivmm-disk-busy-{}", std::process::id()));
+        std::fs::write(&image, [0u8; 4096]).unwrap();
+        let mut args = LinuxArgs {
+            console_log: Some(dir.join(format!("aivmm-disk-console-{}", std::process::id()))),
+            disks: vec![DiskSpec {
+                path: dir.join("aivmm-no-such-disk.img"),
+                read_only: false,
+            }],
+            ..Default::default()
+        };
+        let error = run(&args, kernel.clone(), 1, None, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("aivmm-no-such-disk.img"), "{error}");
+        let held = aivmm_devices::virtio::block::Block::open(&image, false).unwrap();
+        args.disks[0] = DiskSpec {
+            path: image.clone(),
+            read_only: true,
+        };
+        let error = run(&args, kernel.clone(), 1, None, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("in use by another VM"), "{error}");
+        drop(held);
+        let error = run(&args, kernel.clone(), 1, None, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("is not a Linux kernel image"), "{error}");
+        for path in [kernel, image, args.console_log.unwrap()] {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Linux guests: a real Linux kernel (vmlinux ELF or bzImage, optional
 //! initrd) booted with the x86 boot protocol on KVM's in-kernel irqchip and
 //! PIT, with ACPI tables (and an MP table for kernels without ACPI) for its
-//! vCPUs and PCI bus, and a 16550 serial console.
+//! vCPUs, PCI bus and virtio-mmio disks, and a 16550 serial console.
 //!
 //! Unlike the inference partitions, a Linux kernel runs at CPL0, so on PVM
 //! hosts (see shared/design/kvm-on-these-machines.md) KVM emulates each of
@@ -12,6 +12,7 @@ pub mod boot_cpu;
 pub mod boot_params;
 pub mod cli;
 pub mod cmos;
+pub mod disk;
 pub mod e820;
 pub mod loader;
 pub mod mptable;
@@ -20,6 +21,7 @@ pub mod pci;
 pub mod pio;
 pub mod pvh;
 pub mod serial;
+pub mod serial_input;
 pub mod vcpu;
 
 use std::io::Write;
@@ -34,11 +36,13 @@ use vm_memory::GuestMemoryMmap;
 use crate::vstate::layout::{write_descriptor_tables, LayoutError};
 use crate::vstate::vm::{Vm, VmError};
 use acpi::AcpiError;
+use aivmm_devices::virtio::block::BlockStats;
 use aivmm_passthrough::bdf::Bdf;
 use aivmm_passthrough::irq_routing::{GsiRoutingTable, RoutingError};
 use aivmm_passthrough::preflight::{PreflightError, ProcessLimits};
 use boot_cpu::{BootCpuError, Entry};
 use boot_params::{BootParamsError, BootParamsInput, CMDLINE_ADDR, ZERO_PAGE_ADDR};
+use disk::{DiskError, DiskSpec, Disks};
 use e820::E820Error;
 use loader::{LoadedKernel, LoaderError};
 use mptable::MpTableError;
@@ -47,6 +51,7 @@ use pci::{BarTraps, GuestPci, PciError};
 use pio::PortBus;
 use pvh::PvhError;
 use serial::{Capture, IrqLine, SerialConsole, SerialError};
+use serial_input::{SerialInput, SerialInputError, SerialInputThread};
 use vcpu::Shared;
 pub use vcpu::{ExitCounts, LinuxEnd, Sample, VcpuState};
 
@@ -132,6 +137,10 @@ pub enum LinuxError {
     Limits(#[source] PreflightError),
     #[error("--device needs PCI in the guest, but the command line has pci=off: remove it from --cmdline")]
     PciOff,
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    SerialInput(#[from] SerialInputError),
     #[error("the command line contains a NUL byte")]
     CmdlineNul,
     #[error("--boot-protocol pvh: the kernel has no PVH entry note (a bzImage never has one; give the vmlinux)")]
@@ -170,6 +179,10 @@ pub struct LinuxConfig {
     pub console_capture_limit: usize,
     /// Host PCI devices to pass through (VFIO).
     pub devices: Vec<Bdf>,
+    /// virtio-blk disks, announced on the command line.
+    pub disks: Vec<DiskSpec>,
+    /// What the serial console receives (stdin, say); none: no input.
+    pub input: Option<SerialInput>,
 }
 
 /// What was put where before the first KVM_RUN.
@@ -192,7 +205,7 @@ pub fn prepare_memory(
     }
     let ram_end = e820::low_ram_end(config.memory_bytes);
     let map = e820::memory_map(config.memory_bytes)?;
-    let rsdp = acpi::write(memory, config.vcpus)?;
+    let rsdp = acpi::write(memory, config.vcpus, config.disks.len())?;
     let kernel = loader::load_kernel(memory, &config.kernel, ram_end)?;
     let initrd = config
         .initrd
@@ -244,6 +257,8 @@ pub struct LinuxVm {
     /// What the host said about each passed-through device, and where its
     /// BARs are.
     pub devices: Vec<String>,
+    disks: Disks,
+    input: Option<SerialInputThread>,
     // Kept alive while the vCPUs run: the VM (memslots) and guest RAM.
     _vm: Arc<Vm>,
     _memory: GuestMemoryMmap,
@@ -265,6 +280,8 @@ pub struct LinuxOutcome {
     pub console_total: u64,
     /// Port accesses no device answered.
     pub unhandled_ports: u64,
+    /// Requests each disk served.
+    pub disks: Vec<BlockStats>,
 }
 
 impl LinuxVm {
@@ -313,6 +330,8 @@ impl LinuxVm {
                 devices.extend(report.advice.iter().map(|a| format!("{}: {a}", report.bdf)));
             }
         }
+        let blocks = disk::open(&config.disks)?;
+        config.cmdline = disk::with_disk_args(&config.cmdline, blocks.len());
         let memory = e820::create_guest_ram(config.memory_bytes)?;
         let layout = prepare_memory(&memory, &config)?;
 
@@ -369,7 +388,6 @@ impl LinuxVm {
         };
         let mut shared = Shared::new(
             PortBus::new(serial).with_pci(pci.conf1()),
-            pci.mmio_bus()?,
             capture,
             config.vcpus,
         );
@@ -377,6 +395,15 @@ impl LinuxVm {
             shared = shared.with_passthrough(passthrough);
         }
         let shared = Arc::new(shared);
+        let mut mmio = pci.mmio_bus()?;
+        let disks = Disks::attach(&vm, &memory, blocks, &mut mmio, shared.clone())?;
+        // A fresh Shared: nothing has set its bus yet.
+        let _ = shared.mmio.set(mmio);
+        let input = config
+            .input
+            .take()
+            .map(|input| SerialInputThread::start(input, shared.clone()))
+            .transpose()?;
 
         let supported = vm.supported_cpuid()?;
         let mut vcpus = Vec::new();
@@ -434,6 +461,8 @@ impl LinuxVm {
             cmdline: config.cmdline,
             setup,
             devices,
+            disks,
+            input,
             _vm: vm,
             _memory: memory,
         })
@@ -502,13 +531,16 @@ impl LinuxVm {
     }
 
     /// Stops the guest (if still running) and reports the run.
-    pub fn stop(self) -> LinuxOutcome {
+    pub fn stop(mut self) -> LinuxOutcome {
         self.shared.finish(LinuxEnd::Stopped);
-        let states: Vec<Option<VcpuState>> = self
-            .threads
+        let states: Vec<Option<VcpuState>> = std::mem::take(&mut self.threads)
             .into_iter()
             .map(|handle| handle.join().ok().flatten())
             .collect();
+        self.disks.stop();
+        if let Some(input) = self.input.as_mut() {
+            input.stop();
+        }
         let elapsed = self.shared.started.elapsed();
         let end = self.shared.end().unwrap_or(LinuxEnd::Stopped);
         let (console, console_total) = self
@@ -540,6 +572,7 @@ impl LinuxVm {
                 .pio
                 .unhandled
                 .load(std::sync::atomic::Ordering::Relaxed),
+            disks: self.disks.stats(),
         }
     }
 

@@ -22,8 +22,9 @@ pub const ECAM_BASE: u64 = 0xe000_0000;
 pub const ECAM_SIZE: u64 = ECAM_BUS_SIZE;
 /// Buses behind the host bridge (ACPI's MCFG and _CRS say the same).
 pub const BUS_RANGE: (u8, u8) = (0, 0);
-/// [start, end) of guest addresses for 32-bit BARs: the hole below ECAM.
-pub const MMIO32_WINDOW: (u64, u64) = (MMIO_HOLE_START, ECAM_BASE);
+/// [start, end) of guest addresses for 32-bit BARs: the first 256 MiB of
+/// the hole; the virtio-mmio disks follow, then ECAM.
+pub const MMIO32_WINDOW: (u64, u64) = (MMIO_HOLE_START, super::disk::DISK_MMIO_BASE);
 /// [start, end) for 64-bit prefetchable BARs: from 64 GiB (above the largest
 /// guest's RAM, which ends below 61 GiB) to 512 GiB, which a guest with 39
 /// physical address bits (every x86-64 server CPU has more) can reach.

@@ -1,6 +1,7 @@
 //! COM1: vm-superio's 16550A UART at I/O port 0x3f8 on IRQ 4. What the guest
 //! transmits goes to a sink (stdout or a log file) and into a bounded
-//! capture the VMM can search (for "Linux version", say).
+//! capture the VMM can search (for "Linux version", say); what the host
+//! types goes into its receive FIFO ([`SerialConsole::enqueue_input`]).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -113,6 +114,20 @@ impl SerialConsole {
             .write((port - COM1_BASE) as u8, value)
             .map_err(SerialError::Output)
     }
+
+    /// Puts as much of `input` as the 64-byte receive FIFO has room for in
+    /// it (data ready, and the receive interrupt if the guest enabled it);
+    /// returns how many bytes went in, 0 while the guest has not read the
+    /// FIFO. An interrupt that could not be raised loses no byte: the guest
+    /// sees "data ready" at its next poll of the line status.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(input.len());
+        match self.uart.enqueue_raw_bytes(&input[..room]) {
+            Ok(count) => count,
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            Err(_) => room,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -143,5 +158,33 @@ mod tests {
         // LSR: transmitter empty, as a guest polling it before each byte expects.
         assert!(serial.read(COM1_BASE + 5) & 0x20 != 0);
         assert!(SerialConsole::handles(0x3fd) && !SerialConsole::handles(0x2f8));
+    }
+
+    #[test]
+    fn input_reaches_the_receive_fifo_and_raises_the_irq() {
+        let capture = Arc::new(Mutex::new(Capture::default()));
+        let irq = IrqLine::new().unwrap();
+        let event = irq.eventfd().try_clone().unwrap();
+        let mut serial = SerialConsole::new(irq, None, capture);
+        // Enable the "received data available" interrupt (IER bit 0), as
+        // Linux's 8250 driver does when ttyS0 is opened.
+        serial.write(COM1_BASE + 1, 0x01).unwrap();
+        assert_eq!(serial.read(COM1_BASE + 5) & 0x01, 0, "no data yet");
+        assert_eq!(serial.enqueue_input(b"ls\r"), 3);
+        assert!(event.read().unwrap() >= 1, "IRQ 4 was triggered");
+        // IIR says "received data available", LSR "data ready".
+        assert_eq!(serial.read(COM1_BASE + 2) & 0x0f, 0x04);
+        let mut received = Vec::new();
+        while serial.read(COM1_BASE + 5) & 0x01 != 0 {
+            received.push(serial.read(COM1_BASE));
+        }
+        assert_eq!(received, b"ls\r");
+
+        // The FIFO holds 64 bytes; the rest waits for the guest to read.
+        let long = [b'x'; 100];
+        assert_eq!(serial.enqueue_input(&long), 64);
+        assert_eq!(serial.enqueue_input(&long[64..]), 0);
+        serial.read(COM1_BASE);
+        assert_eq!(serial.enqueue_input(&long[64..]), 1);
     }
 }

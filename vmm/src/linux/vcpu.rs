@@ -1,5 +1,6 @@
 //! A Linux guest's vCPU threads: KVM_RUN and the exits a CPL0 kernel makes
-//! (port I/O to the legacy devices, MMIO to PCI config space and BARs,
+//! (port I/O to the legacy devices, MMIO to PCI config space, BARs and the
+//! virtio disks,
 //! reset, shutdown), until
 //! the guest ends or the VM is stopped.
 //!
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use aivmm_devices::bus::MmioBus;
+use aivmm_devices::bus::{MmioAction, MmioBus};
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -86,6 +87,10 @@ pub enum LinuxEnd {
         vcpu: u32,
         error: String,
     },
+    /// A disk could not serve its queue (the driver broke the virtqueue).
+    Disk {
+        error: String,
+    },
     /// The vCPU thread could not be pinned to its host CPU.
     Pin {
         vcpu: u32,
@@ -135,6 +140,7 @@ impl std::fmt::Display for LinuxEnd {
             LinuxEnd::Device { vcpu, addr, error } => {
                 write!(f, "vCPU {vcpu}: MMIO access at {addr:#x}: {error}")
             }
+            LinuxEnd::Disk { error } => write!(f, "virtio-blk: {error}"),
             LinuxEnd::Pin { vcpu, cpu, error } => {
                 write!(
                     f,
@@ -250,8 +256,9 @@ pub struct VcpuShared {
 pub struct Shared {
     pub started: Instant,
     pub pio: PortBus,
-    /// PCI config space (ECAM) and the trapped parts of BARs.
-    pub mmio: MmioBus,
+    /// PCI config space (ECAM), the trapped parts of BARs and the virtio
+    /// disks (set once, before the vCPUs run).
+    pub mmio: OnceLock<MmioBus>,
     /// Host devices passed through, if any.
     pub passthrough: Option<Passthrough>,
     pub console: Arc<Mutex<Capture>>,
@@ -266,11 +273,11 @@ pub struct Shared {
 const MAX_SAMPLES: usize = 4096;
 
 impl Shared {
-    pub fn new(pio: PortBus, mmio: MmioBus, console: Arc<Mutex<Capture>>, vcpus: u32) -> Self {
+    pub fn new(pio: PortBus, console: Arc<Mutex<Capture>>, vcpus: u32) -> Self {
         Shared {
             started: Instant::now(),
             pio,
-            mmio,
+            mmio: OnceLock::new(),
             passthrough: None,
             console,
             vcpus: (0..vcpus).map(|_| VcpuShared::default()).collect(),
@@ -402,7 +409,7 @@ fn run_loop(vcpu: &mut VcpuFd, index: u32, shared: &Shared, me: &VcpuShared) -> 
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 counters.mmio.fetch_add(1, Ordering::Relaxed);
-                match shared.mmio.find(addr) {
+                match shared.mmio.get().and_then(|bus| bus.find(addr)) {
                     Some((device, offset)) => device.read(index, offset, data).err(),
                     None => {
                         // Nothing there: reads float high, as on an empty bus.
@@ -418,16 +425,20 @@ fn run_loop(vcpu: &mut VcpuFd, index: u32, shared: &Shared, me: &VcpuShared) -> 
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 counters.mmio.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .mmio
-                    .find(addr)
-                    .and_then(|(device, offset)| device.write(index, offset, data).err())
-                    .map(|error| LinuxEnd::Device {
-                        vcpu: index,
-                        addr,
-                        error: error.to_string(),
-                    })
-                    .or_else(|| shared.after_write(index))
+                match shared.mmio.get().and_then(|bus| bus.find(addr)) {
+                    Some((device, offset)) => match device.write(index, offset, data) {
+                        Ok(MmioAction::Continue) => None,
+                        Ok(other) => Some(format!("{}: unexpected {other:?}", device.name())),
+                        Err(error) => Some(error.to_string()),
+                    },
+                    None => None,
+                }
+                .map(|error| LinuxEnd::Device {
+                    vcpu: index,
+                    addr,
+                    error,
+                })
+                .or_else(|| shared.after_write(index))
             }
             Ok(VcpuExit::Hlt) => Some(LinuxEnd::Halted { vcpu: index }),
             Ok(VcpuExit::Shutdown) => Some(LinuxEnd::TripleFault { vcpu: index }),
