@@ -529,12 +529,6 @@ fn check_linux(linux: &LinuxSpec, spec: &PartitionSpec) -> Result<(), ApiError> 
             "is for models; a Linux partition has none",
         ));
     }
-    if spec.hugepages {
-        return Err(ApiError::invalid(
-            "hugepages",
-            "Linux partitions run on anonymous memory for now; leave hugepages out",
-        ));
-    }
     for (i, device) in spec.devices.iter().enumerate() {
         if spec.devices[..i].contains(device) {
             return Err(ApiError::invalid(

@@ -31,6 +31,7 @@ use aivmm::linux::loader::{KernelFormat, LoaderError};
 use aivmm::linux::{
     e820, prepare_memory, BootProtocol, LinuxConfig, LinuxEnd, LinuxError, LinuxVm, Sample,
 };
+use aivmm::vstate::memory::RamBacking;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use common::debian_kernel as kernel;
@@ -137,6 +138,9 @@ fn config(kernel: &Path, memory_bytes: u64) -> LinuxConfig {
         devices: Vec::new(),
         disks: Vec::new(),
         input: None,
+        backing: RamBacking::Anonymous,
+        numa_node: None,
+        seccomp: true,
     }
 }
 
@@ -178,7 +182,7 @@ fn debian_bzimage_is_loaded_with_its_own_setup_header() {
     };
     let file = std::fs::read(&kernel.bzimage).unwrap();
     let memory_bytes = 256 << 20;
-    let memory = create_guest_ram(memory_bytes).unwrap();
+    let memory = create_guest_ram(memory_bytes, RamBacking::Anonymous, None).unwrap();
     let initrd_path = std::env::temp_dir().join(format!("aivmm-initrd-{}", std::process::id()));
     let initrd_bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + 3) as u8).collect();
     std::fs::write(&initrd_path, &initrd_bytes).unwrap();
@@ -276,7 +280,7 @@ fn debian_vmlinux_loads_at_its_physical_addresses_with_both_entries() {
     let memory_bytes = 256 << 20;
     let entry = u64::from_le_bytes(file[24..32].try_into().unwrap());
     for protocol in [BootProtocol::Auto, BootProtocol::Linux64, BootProtocol::Pvh] {
-        let memory = create_guest_ram(memory_bytes).unwrap();
+        let memory = create_guest_ram(memory_bytes, RamBacking::Anonymous, None).unwrap();
         let mut config = config(&kernel.vmlinux, memory_bytes);
         config.protocol = protocol;
         let layout = prepare_memory(&memory, &config).unwrap();
@@ -335,7 +339,7 @@ fn bad_kernels_and_initrds_are_refused_with_the_reason() {
     std::fs::create_dir_all(&dir).unwrap();
     let text = dir.join("not-a-kernel");
     std::fs::write(&text, "just some text, no kernel here\n".repeat(40)).unwrap();
-    let memory = create_guest_ram(64 << 20).unwrap();
+    let memory = create_guest_ram(64 << 20, RamBacking::Anonymous, None).unwrap();
     let error = prepare_memory(&memory, &config(&text, 64 << 20)).unwrap_err();
     assert!(
         matches!(error, LinuxError::Loader(LoaderError::NotAKernel { .. })),
@@ -358,7 +362,7 @@ fn bad_kernels_and_initrds_are_refused_with_the_reason() {
     };
     // The Debian kernel does not fit in 32 MiB.
     for image in [&kernel.vmlinux, &kernel.bzimage] {
-        let memory = create_guest_ram(32 << 20).unwrap();
+        let memory = create_guest_ram(32 << 20, RamBacking::Anonymous, None).unwrap();
         let error = prepare_memory(&memory, &config(image, 32 << 20)).unwrap_err();
         assert!(
             matches!(error, LinuxError::Loader(LoaderError::TooLarge { .. })),
@@ -369,7 +373,7 @@ fn bad_kernels_and_initrds_are_refused_with_the_reason() {
             "{error}"
         );
     }
-    let memory = create_guest_ram(256 << 20).unwrap();
+    let memory = create_guest_ram(256 << 20, RamBacking::Anonymous, None).unwrap();
     let mut with_initrd = config(&kernel.vmlinux, 256 << 20);
     with_initrd.initrd = Some("/nonexistent/initrd.img".into());
     let error = prepare_memory(&memory, &with_initrd).unwrap_err();
@@ -787,4 +791,52 @@ fn device_passthrough_is_refused_before_boot_without_an_iommu() {
     let console = std::fs::read(&log).unwrap_or_default();
     assert!(console.is_empty(), "{}", String::from_utf8_lossy(&console));
     let _ = std::fs::remove_file(&log);
+}
+
+/// A Linux guest's RAM goes through the partitions' memory code: with
+/// hugepages and node 0 it is on 2 MiB pages, bound to node 0 and populated
+/// in full before the first KVM_RUN (checked in /proc/self/smaps and
+/// numa_maps), whatever the kernel does afterwards.
+#[test]
+fn linux_guest_ram_is_on_prefaulted_hugepages_bound_to_its_node() {
+    let test = "linux_guest_ram_is_on_prefaulted_hugepages_bound_to_its_node";
+    if !common::kvm_available(test) {
+        return;
+    }
+    let Some(kernel) = kernel(test) else {
+        return;
+    };
+    // Enough for the kernel's image (74 MiB) and its initial page tables.
+    let memory_bytes: u64 = 128 << 20;
+    common::host::ensure_free_hugepages(
+        memory_bytes / (2 << 20),
+        &format!("a Linux guest of {} MiB", memory_bytes >> 20),
+    );
+    let mut config = config(&kernel.vmlinux, memory_bytes);
+    config.backing = RamBacking::Hugepages;
+    config.numa_node = Some(0);
+    let vm = LinuxVm::start(config).unwrap_or_else(|error| panic!("{test}: {error}"));
+    let ram = vm.ram_mappings();
+    let smaps = common::host::hugepage_mappings(memory_bytes);
+    let numa_maps = std::fs::read_to_string("/proc/self/numa_maps").unwrap();
+    let outcome = vm.stop();
+    assert_eq!(outcome.end, LinuxEnd::Stopped);
+    assert_eq!(ram.len(), 1, "{ram:x?}: below the 32-bit hole only");
+    let (guest, host, size) = ram[0];
+    assert_eq!((guest, size), (0, memory_bytes));
+    let hugetlb_kb = smaps
+        .iter()
+        .find(|(start, _)| *start == host)
+        .unwrap_or_else(|| panic!("guest RAM at {host:#x} is not on 2 MiB pages: {smaps:x?}"))
+        .1;
+    assert_eq!(hugetlb_kb, memory_bytes >> 10, "prefaulted in full");
+    let line = numa_maps
+        .lines()
+        .find(|line| line.starts_with(&format!("{host:x} ")))
+        .unwrap_or_else(|| panic!("{host:x} not in numa_maps"));
+    assert!(line.contains("bind:0") && line.contains("huge"), "{line}");
+    assert!(
+        line.contains(&format!("N0={}", memory_bytes / (2 << 20))),
+        "every page on node 0: {line}"
+    );
 }

@@ -16,6 +16,7 @@ use aivmm::linux::e820::create_guest_ram;
 use aivmm::linux::pio::PortBus;
 use aivmm::linux::serial::{Capture, IrqLine, SerialConsole};
 use aivmm::linux::vcpu::Shared;
+use aivmm::vstate::memory::RamBacking;
 use aivmm::vstate::vm::Vm;
 use aivmm_devices::bus::MmioBus;
 use aivmm_devices::virtio::block::{REQUEST_QUEUE, S_OK, T_IN, T_OUT};
@@ -61,7 +62,7 @@ fn a_queue_notification_through_kvm_serves_the_request_and_raises_irq_5() {
     let sectors: Vec<u8> = (0..8 * 512).map(|i| (i / 512) as u8).collect();
     std::fs::write(&image, &sectors).unwrap();
 
-    let memory = create_guest_ram(64 << 20).unwrap();
+    let memory = create_guest_ram(64 << 20, RamBacking::Anonymous, None).unwrap();
     let mut vm = Vm::new().unwrap();
     vm.register_ram(&memory).unwrap();
     vm.fd().create_irq_chip().unwrap();

@@ -15,6 +15,7 @@ use aivmm_passthrough::bdf::Bdf;
 
 use crate::isolation::{CgroupScope, CgroupSpec, PartitionCgroup, ThreadIsolation, ThreadKind};
 use crate::linux::{default_cmdline, loader, BootProtocol, LinuxConfig, LinuxEnd, LinuxVm};
+use crate::vstate::memory::RamBacking;
 
 /// Guest memory of a Linux partition when `memory_mib` is not given.
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
@@ -33,6 +34,8 @@ pub struct LinuxPlan {
     pub host_cpus: Vec<usize>,
     pub numa_node: Option<u32>,
     pub memory_bytes: u64,
+    /// Guest RAM on 2 MiB hugepages (from the placed node's pool).
+    pub hugepages: bool,
     /// Where the serial console goes (rewritten at every boot).
     pub console_log: PathBuf,
 }
@@ -44,6 +47,7 @@ pub fn plan(
     devices: &[String],
     vcpus: u32,
     memory_mib: Option<u64>,
+    hugepages: bool,
     console_log: PathBuf,
 ) -> Result<LinuxPlan, ApiError> {
     let kernel = PathBuf::from(&linux.kernel);
@@ -94,6 +98,7 @@ pub fn plan(
         host_cpus: Vec::new(),
         numa_node: None,
         memory_bytes,
+        hugepages,
         console_log,
     })
 }
@@ -207,11 +212,18 @@ pub fn boot(plan: &LinuxPlan, cgroup_name: Option<String>) -> Result<LinuxRun, S
         disks: Vec::new(),
         // The console goes to the log file; there is no input to give it.
         input: None,
+        backing: if plan.hugepages {
+            RamBacking::Hugepages
+        } else {
+            RamBacking::Anonymous
+        },
+        numa_node: plan.numa_node,
+        seccomp: false,
     };
+    // The boot thread opens the kernel, disks and devices: it gets the
+    // cgroup and pinning, and the VM's own threads their filters.
     let isolation = ThreadIsolation {
         cgroup: cgroup.clone(),
-        // The seccomp filters are written for the inference partitions'
-        // threads; a Linux guest's vCPU loop is not covered by them yet.
         seccomp: false,
     };
     let host_cpus = plan.host_cpus.clone();
@@ -312,7 +324,7 @@ mod tests {
         let dir = Scratch::new("plan");
         let log = dir.path().join("console.log");
         let missing = dir.path().join("vmlinuz-missing");
-        let error = plan(&spec(&missing), &[], 1, None, log.clone()).unwrap_err();
+        let error = plan(&spec(&missing), &[], 1, None, false, log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("linux.kernel"));
         assert!(
             error.message.contains("vmlinuz-missing") && error.message.contains("cannot read"),
@@ -321,7 +333,7 @@ mod tests {
 
         let script = dir.path().join("not-a-kernel");
         std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
-        let error = plan(&spec(&script), &[], 1, None, log.clone()).unwrap_err();
+        let error = plan(&spec(&script), &[], 1, None, false, log.clone()).unwrap_err();
         assert!(
             error
                 .message
@@ -334,24 +346,24 @@ mod tests {
         std::fs::write(&elf, b"\x7fELF\x02\x01\x01").unwrap();
         let mut linux = spec(&elf);
         linux.initrd = Some(dir.path().join("no-initrd").display().to_string());
-        let error = plan(&linux, &[], 1, None, log.clone()).unwrap_err();
+        let error = plan(&linux, &[], 1, None, false, log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("linux.initrd"));
         linux.initrd = None;
-        let error = plan(&linux, &["17:00".into()], 1, None, log.clone()).unwrap_err();
+        let error = plan(&linux, &["17:00".into()], 1, None, false, log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("devices"));
         let empty = dir.path().join("empty-initrd");
         std::fs::write(&empty, "").unwrap();
         linux.initrd = Some(empty.display().to_string());
-        let error = plan(&linux, &[], 1, None, log.clone()).unwrap_err();
+        let error = plan(&linux, &[], 1, None, false, log.clone()).unwrap_err();
         assert!(error.message.contains("empty-initrd is empty"), "{error}");
         linux.initrd = None;
-        let error = plan(&spec(dir.path()), &[], 1, None, log.clone()).unwrap_err();
+        let error = plan(&spec(dir.path()), &[], 1, None, false, log.clone()).unwrap_err();
         assert!(error.message.contains("is not a regular file"), "{error}");
-        let error = plan(&linux, &[], 1, Some(8), log.clone()).unwrap_err();
+        let error = plan(&linux, &[], 1, Some(8), false, log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("memory_mib"));
-        let error = plan(&linux, &[], 1, Some(u64::MAX >> 10), log.clone()).unwrap_err();
+        let error = plan(&linux, &[], 1, Some(u64::MAX >> 10), false, log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("memory_mib"));
-        let plan = plan(&linux, &["17:00.0".into()], 2, None, log).unwrap();
+        let plan = plan(&linux, &["17:00.0".into()], 2, None, false, log).unwrap();
         assert_eq!(plan.memory_bytes, DEFAULT_MEMORY_MIB << 20);
         // With a device and no command line given, the guest probes PCI.
         assert_eq!(plan.cmdline, crate::linux::default_cmdline(true));

@@ -125,6 +125,7 @@ impl Manager {
                 &saved.spec.devices,
                 saved.placement.host_cpus.len() as u32,
                 saved.spec.memory_mib,
+                saved.spec.hugepages,
                 self.console_log(id).map_err(|error| error.message)?,
             )
             .map_err(|error| error.message)?;
@@ -477,11 +478,17 @@ impl Manager {
             &spec.devices,
             vcpus,
             spec.memory_mib,
+            spec.hugepages,
             self.console_log(&spec.id)?,
         )?;
         // Before placement, so that a held device is named even when the
         // cores are taken too.
         self.devices.check_free(&spec.id, &plan.devices)?;
+        if spec.hugepages {
+            if let Err(error) = self.placer.refresh_hugepages() {
+                eprintln!("aivmm serve: cannot read the hugepage pools again ({error}); placing with the counts read before");
+            }
+        }
         let numa_node = spec.numa_node.or_else(|| {
             plan.devices
                 .iter()
@@ -496,7 +503,7 @@ impl Manager {
             },
             cores: spec.cores.clone(),
             memory_bytes: plan.memory_bytes,
-            hugepages: None,
+            hugepages: spec.hugepages.then_some(HugepageSize::TwoMiB),
             numa_node,
         };
         let placement = self

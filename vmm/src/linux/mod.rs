@@ -34,6 +34,7 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use vm_memory::GuestMemoryMmap;
 
 use crate::vstate::layout::{write_descriptor_tables, LayoutError};
+use crate::vstate::memory::RamBacking;
 use crate::vstate::vm::{Vm, VmError};
 use acpi::AcpiError;
 use aivmm_devices::virtio::block::BlockStats;
@@ -43,7 +44,7 @@ use aivmm_passthrough::preflight::{PreflightError, ProcessLimits};
 use boot_cpu::{BootCpuError, Entry};
 use boot_params::{BootParamsError, BootParamsInput, CMDLINE_ADDR, ZERO_PAGE_ADDR};
 use disk::{DiskError, DiskSpec, Disks};
-use e820::E820Error;
+use e820::{E820Error, GuestRamError};
 use loader::{LoadedKernel, LoaderError};
 use mptable::MpTableError;
 use passthrough::{Passthrough, PassthroughError};
@@ -111,6 +112,8 @@ pub enum LinuxError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Memory(#[from] E820Error),
+    #[error(transparent)]
+    Ram(#[from] GuestRamError),
     #[error(transparent)]
     Loader(#[from] LoaderError),
     #[error(transparent)]
@@ -183,6 +186,12 @@ pub struct LinuxConfig {
     pub disks: Vec<DiskSpec>,
     /// What the serial console receives (stdin, say); none: no input.
     pub input: Option<SerialInput>,
+    /// Guest RAM on 2 MiB hugepages or anonymous memory (prefaulted either way).
+    pub backing: RamBacking,
+    /// NUMA node guest RAM is bound to (MPOL_BIND).
+    pub numa_node: Option<u32>,
+    /// Seccomp filters on the vCPU, disk and serial-input threads.
+    pub seccomp: bool,
 }
 
 /// What was put where before the first KVM_RUN.
@@ -261,7 +270,7 @@ pub struct LinuxVm {
     input: Option<SerialInputThread>,
     // Kept alive while the vCPUs run: the VM (memslots) and guest RAM.
     _vm: Arc<Vm>,
-    _memory: GuestMemoryMmap,
+    memory: GuestMemoryMmap,
 }
 
 /// How a run went.
@@ -332,7 +341,7 @@ impl LinuxVm {
         }
         let blocks = disk::open(&config.disks)?;
         config.cmdline = disk::with_disk_args(&config.cmdline, blocks.len());
-        let memory = e820::create_guest_ram(config.memory_bytes)?;
+        let memory = e820::create_guest_ram(config.memory_bytes, config.backing, config.numa_node)?;
         let layout = prepare_memory(&memory, &config)?;
 
         let mut vm = Vm::new()?;
@@ -464,8 +473,17 @@ impl LinuxVm {
             disks,
             input,
             _vm: vm,
-            _memory: memory,
+            memory,
         })
+    }
+
+    /// Each guest RAM range: (guest address, host address, size).
+    pub fn ram_mappings(&self) -> Vec<(u64, u64, u64)> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.memory
+            .iter()
+            .map(|region| (region.start_addr().0, region.as_ptr() as u64, region.len()))
+            .collect()
     }
 
     /// The serial output kept so far.
