@@ -21,6 +21,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use aivmm::isolation::{seccomp, ThreadKind};
 use aivmm::linux::boot_cpu::Entry;
 use aivmm::linux::boot_params::{
     BOOT_FLAG, CMDLINE_ADDR, HDRS_MAGIC, LOADER_UNDEFINED, ZERO_PAGE_ADDR,
@@ -549,6 +550,10 @@ fn debian_vmlinux_boots_under_kvm_towards_its_first_console_line() {
     let disk = std::env::temp_dir().join(format!("aivmm-boot-disk-{}.img", std::process::id()));
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let timeout = seconds_from_env("AIVMM_LINUX_BOOT_TIMEOUT", 180);
+    // The vCPU and disk threads run under their seccomp filters (config()).
+    let refused =
+        || [ThreadKind::LinuxVcpu, ThreadKind::LinuxDisks].map(|kind| seccomp::refused(kind).0);
+    let refused_before = refused();
     // The early console replays the boot log: "Linux version", then the
     // command line the kernel got.
     let (seen, console) = boot_and_report(
@@ -566,6 +571,7 @@ fn debian_vmlinux_boots_under_kvm_towards_its_first_console_line() {
         },
     );
     let _ = std::fs::remove_file(&disk);
+    assert_eq!(refused(), refused_before, "the filters refused nothing");
     if seen {
         assert!(console.contains("Linux version 6."), "{console}");
         // The disk is in the DSDT (LNRO0005), not on the command line.
@@ -793,10 +799,12 @@ fn device_passthrough_is_refused_before_boot_without_an_iommu() {
     let _ = std::fs::remove_file(&log);
 }
 
-/// A Linux guest's RAM goes through the partitions' memory code: with
-/// hugepages and node 0 it is on 2 MiB pages, bound to node 0 and populated
-/// in full before the first KVM_RUN (checked in /proc/self/smaps and
-/// numa_maps), whatever the kernel does afterwards.
+/// A Linux guest gets the partitions' isolation: with hugepages and node 0
+/// its RAM is on 2 MiB pages, bound to node 0 and populated in full before
+/// the first KVM_RUN (checked in /proc/self/smaps and numa_maps), and its
+/// vCPU threads run under their seccomp filter (Seccomp: 2 in
+/// /proc/self/task/*/status) with nothing the kernel's first seconds make
+/// them do refused.
 #[test]
 fn linux_guest_ram_is_on_prefaulted_hugepages_bound_to_its_node() {
     let test = "linux_guest_ram_is_on_prefaulted_hugepages_bound_to_its_node";
@@ -815,12 +823,40 @@ fn linux_guest_ram_is_on_prefaulted_hugepages_bound_to_its_node() {
     let mut config = config(&kernel.vmlinux, memory_bytes);
     config.backing = RamBacking::Hugepages;
     config.numa_node = Some(0);
+    config.vcpus = 2;
+    let refused_before = seccomp::refused(ThreadKind::LinuxVcpu).0;
     let vm = LinuxVm::start(config).unwrap_or_else(|error| panic!("{test}: {error}"));
+    // The kernel runs a while (slowly where KVM emulates it: it may not
+    // reach its first port access in this time).
+    vm.wait_until(Duration::from_secs(3), None, &mut |_| false);
+    let vcpu_threads: Vec<(String, String)> = common::host::tasks()
+        .into_iter()
+        .filter(|task| task.name.starts_with("linux-vcpu"))
+        .map(|task| (task.name, task.seccomp_mode))
+        .collect();
     let ram = vm.ram_mappings();
     let smaps = common::host::hugepage_mappings(memory_bytes);
     let numa_maps = std::fs::read_to_string("/proc/self/numa_maps").unwrap();
     let outcome = vm.stop();
     assert_eq!(outcome.end, LinuxEnd::Stopped);
+    // KVM_RUN ran (the stop interrupted it) and the registers were read
+    // at the end, all under the filter.
+    assert!(
+        outcome.states.iter().all(Option::is_some),
+        "{:?}",
+        outcome.states
+    );
+    // Other tests of this binary may run guests at the same time.
+    assert!(vcpu_threads.len() >= 2, "{vcpu_threads:?}");
+    assert!(
+        vcpu_threads.iter().all(|(_, mode)| mode == "2"),
+        "every vCPU thread is filtered: {vcpu_threads:?}"
+    );
+    assert_eq!(
+        seccomp::refused(ThreadKind::LinuxVcpu).0,
+        refused_before,
+        "nothing refused"
+    );
     assert_eq!(ram.len(), 1, "{ram:x?}: below the 32-bit hole only");
     let (guest, host, size) = ram[0];
     assert_eq!((guest, size), (0, memory_bytes));

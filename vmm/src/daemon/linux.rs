@@ -167,8 +167,9 @@ pub fn ended_cleanly(end: &LinuxEnd) -> bool {
 
 /// Boots `plan` for partition `id` (cgroup named `cgroup_name`, if any). The
 /// boot runs on a thread of its own that joins the partition's cgroup first:
-/// the vCPU threads it creates inherit the cgroup and then pin themselves to
-/// their host CPU each.
+/// the vCPU threads it creates inherit the cgroup, then pin themselves to
+/// their host CPU each and install their seccomp filter (unless `aivmm
+/// serve --no-seccomp`), as the disk thread does.
 pub fn boot(plan: &LinuxPlan, cgroup_name: Option<String>) -> Result<LinuxRun, String> {
     // The tenant's console is the tenant's: readable by the daemon's user only.
     let console = std::fs::OpenOptions::new()
@@ -218,7 +219,8 @@ pub fn boot(plan: &LinuxPlan, cgroup_name: Option<String>) -> Result<LinuxRun, S
             RamBacking::Anonymous
         },
         numa_node: plan.numa_node,
-        seccomp: false,
+        // The vCPU, disk (and serial input) threads install their own.
+        seccomp: super::worker::seccomp_enabled(),
     };
     // The boot thread opens the kernel, disks and devices: it gets the
     // cgroup and pinning, and the VM's own threads their filters.
@@ -232,7 +234,7 @@ pub fn boot(plan: &LinuxPlan, cgroup_name: Option<String>) -> Result<LinuxRun, S
             .name("linux-boot".into())
             .spawn_scoped(scope, move || {
                 isolation
-                    .enter(ThreadKind::Vcpu, Some(&host_cpus))
+                    .enter(ThreadKind::LinuxVcpu, Some(&host_cpus))
                     .map_err(|error| error.to_string())?;
                 LinuxVm::start(config).map_err(|error| error.to_string())
             })

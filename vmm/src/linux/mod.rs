@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use vm_memory::GuestMemoryMmap;
 
+use crate::isolation::ThreadKind;
 use crate::vstate::layout::{write_descriptor_tables, LayoutError};
 use crate::vstate::memory::RamBacking;
 use crate::vstate::vm::{Vm, VmError};
@@ -162,6 +163,8 @@ pub enum LinuxError {
     },
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::isolation::SeccompError),
     #[error("cannot start the thread of vCPU {index}: {source}")]
     Thread { index: u32, source: std::io::Error },
 }
@@ -405,13 +408,18 @@ impl LinuxVm {
         }
         let shared = Arc::new(shared);
         let mut mmio = pci.mmio_bus()?;
-        let disks = Disks::attach(&vm, &memory, blocks, &mut mmio, shared.clone())?;
+        let seccomp = config.seccomp;
+        if seccomp {
+            // The filters compile before any thread needs one.
+            crate::isolation::seccomp::prepare()?;
+        }
+        let disks = Disks::attach(&vm, &memory, blocks, &mut mmio, shared.clone(), seccomp)?;
         // A fresh Shared: nothing has set its bus yet.
         let _ = shared.mmio.set(mmio);
         let input = config
             .input
             .take()
-            .map(|input| SerialInputThread::start(input, shared.clone()))
+            .map(|input| SerialInputThread::start(input, shared.clone(), seccomp))
             .transpose()?;
 
         let supported = vm.supported_cpuid()?;
@@ -447,6 +455,12 @@ impl LinuxVm {
                                 cpu,
                                 error: source.to_string(),
                             });
+                            return None;
+                        }
+                    }
+                    if seccomp {
+                        if let Err(end) = LinuxEnd::enter_seccomp(ThreadKind::LinuxVcpu) {
+                            shared_for_thread.finish(end);
                             return None;
                         }
                     }
