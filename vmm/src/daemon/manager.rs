@@ -473,6 +473,9 @@ impl Manager {
         linux: &LinuxSpec,
         vcpus: u32,
     ) -> Result<Plan, ApiError> {
+        // Before the plan's own lock probe: a disk of another partition
+        // here is named with its holder.
+        self.check_disks_free(&spec.id, linux)?;
         let mut plan = linux::plan(
             linux,
             &spec.devices,
@@ -522,6 +525,41 @@ impl Manager {
         plan.host_cpus = placement.host_cpus;
         plan.numa_node = Some(placement.node);
         Ok(Plan::Linux(plan))
+    }
+
+    /// No disk of `linux` is another partition's, unless both attach it
+    /// read-only (the locks the boots take would refuse it then, or later).
+    fn check_disks_free(&self, id: &str, linux: &LinuxSpec) -> Result<(), ApiError> {
+        for disk in &linux.disks {
+            // A path that does not resolve is the plan's error to report.
+            let Ok(path) = Path::new(&disk.path).canonicalize() else {
+                continue;
+            };
+            for (holder, handle) in &self.partitions {
+                if holder == id {
+                    continue;
+                }
+                let status = handle.shared.status();
+                let Plan::Linux(plan) = &status.plan else {
+                    continue;
+                };
+                if let Some(held) = plan.disks.iter().find(|held| held.path == path) {
+                    if held.read_only && disk.read_only {
+                        continue;
+                    }
+                    return Err(ApiError {
+                        code: ErrorCode::Conflict,
+                        message: format!(
+                            "linux.disks: {} is a disk of partition {holder} ({}); delete that partition, or attach the disk read-only in both",
+                            path.display(),
+                            if held.read_only { "read-only" } else { "writable" }
+                        ),
+                        param: Some("linux.disks".into()),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn console(&self, id: &str, bytes: u64) -> Result<ConsoleTail, ApiError> {
