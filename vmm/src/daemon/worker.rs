@@ -266,7 +266,7 @@ impl Shared {
                 host_cpus: plan.host_cpus,
                 numa_node: plan.numa_node,
                 memory_mib: plan.memory_bytes >> 20,
-                hugepages: false,
+                hugepages: plan.hugepages,
                 context_length: 0,
                 uptime_secs,
                 error: status.error,

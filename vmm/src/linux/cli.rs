@@ -359,6 +359,19 @@ mod tests {
         assert!(!disks[0].read_only && disks[1].read_only);
         assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--disk", "a,bad"]).is_err());
         assert!(RunArgs::try_parse_from(["run", "--disk", "root.img"]).is_err());
+        // The partitions' isolation options apply to Linux guests too.
+        let isolated = RunArgs::try_parse_from([
+            "run",
+            "--kernel",
+            "k",
+            "--hugepages",
+            "--numa-node",
+            "0",
+            "--no-seccomp",
+        ])
+        .unwrap();
+        assert!(isolated.hugepages && isolated.no_seccomp);
+        assert_eq!(isolated.numa_node, Some(0));
     }
 
     #[test]
