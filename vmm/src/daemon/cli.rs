@@ -28,7 +28,7 @@ pub struct ClientArgs {
 #[derive(Subcommand, Debug, Clone)]
 pub enum PartitionCommand {
     /// Create a partition (and boot it, unless --no-start).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List partitions.
     List,
     /// Show one partition.
@@ -632,7 +632,7 @@ mod tests {
     fn create(args: &[&str]) -> Result<CreateArgs, clap::Error> {
         let argv = ["aivmm", "create"].iter().chain(args).copied();
         match Command::try_parse_from(argv)?.partition {
-            PartitionCommand::Create(create) => Ok(create),
+            PartitionCommand::Create(create) => Ok(*create),
             other => panic!("{other:?}"),
         }
     }
