@@ -523,16 +523,24 @@ fn check_linux(linux: &LinuxSpec, spec: &PartitionSpec) -> Result<(), ApiError> 
             "must not contain a NUL byte",
         ));
     }
+    for (i, disk) in linux.disks.iter().enumerate() {
+        if !disk.path.starts_with('/') {
+            return Err(ApiError::invalid(
+                "linux.disks",
+                format!("{:?} must be an absolute path", disk.path),
+            ));
+        }
+        if linux.disks[..i].iter().any(|other| other.path == disk.path) {
+            return Err(ApiError::invalid(
+                "linux.disks",
+                format!("{} is listed twice", disk.path),
+            ));
+        }
+    }
     if spec.context_length.is_some() {
         return Err(ApiError::invalid(
             "context_length",
             "is for models; a Linux partition has none",
-        ));
-    }
-    if spec.hugepages {
-        return Err(ApiError::invalid(
-            "hugepages",
-            "Linux partitions run on anonymous memory for now; leave hugepages out",
         ));
     }
     for (i, device) in spec.devices.iter().enumerate() {

@@ -64,6 +64,21 @@ pub struct LinuxSpec {
     pub cmdline: Option<String>,
     #[serde(default)]
     pub boot_protocol: BootProtocol,
+    /// virtio-blk disks (/dev/vda, /dev/vdb, ... in the guest): image
+    /// files or block devices, locked while the partition runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<LinuxDisk>,
+}
+
+/// One disk of a Linux partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinuxDisk {
+    /// Absolute path of a disk image (a regular file) or a block device.
+    pub path: String,
+    /// Attach it read-only (a shared lock: other partitions may read it too).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// Entry point of a Linux kernel.

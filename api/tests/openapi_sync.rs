@@ -153,6 +153,7 @@ fn every_schema_has_the_fields_of_its_serde_type() {
     check::<types::PartitionCounters>(&doc, "PartitionCounters", Response, p);
     check::<types::LinuxSpec>(&doc, "LinuxSpec", Request, p);
     check::<types::BootProtocol>(&doc, "BootProtocol", Request, p);
+    check::<types::LinuxDisk>(&doc, "LinuxDisk", Request, p);
     check::<types::PartitionKind>(&doc, "PartitionKind", Response, p);
     check::<types::LinuxStatus>(&doc, "LinuxStatus", Response, p);
     check::<types::LinuxExits>(&doc, "LinuxExits", Response, p);

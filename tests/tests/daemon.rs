@@ -1289,18 +1289,65 @@ fn a_linux_partition_boots_shows_its_console_and_frees_its_core() {
         "{body}"
     );
 
+    // With a disk, on hugepages of the placed node, its threads filtered.
+    let disk = std::env::temp_dir().join(format!("aivmm-daemon-disk-{}.img", std::process::id()));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let memory_mib = 256;
+    common::host::ensure_free_hugepages(memory_mib / 2, "a Linux partition of 256 MiB");
     let (status, body) = daemon.call(
         "POST",
         "/partitions",
-        Some(json!({"id": "lx", "linux": {"kernel": kernel.vmlinux}, "memory_mib": 256})),
+        Some(json!({
+            "id": "lx",
+            "linux": {"kernel": kernel.vmlinux, "disks": [{"path": disk}]},
+            "memory_mib": memory_mib,
+            "hugepages": true
+        })),
     );
     assert_eq!(status, 201, "create lx: {body}");
     let info: PartitionInfo = serde_json::from_value(body).unwrap();
     assert_eq!(
-        (info.kind, info.state, info.host_cpus.len()),
-        (PartitionKind::Linux, PartitionState::Running, 1)
+        (info.kind, info.state, info.host_cpus.len(), info.hugepages),
+        (PartitionKind::Linux, PartitionState::Running, 1, true)
     );
     let core = info.host_cpus[0];
+    let node = info.numa_node.expect("placed on a node");
+    // The daemon runs in this process: its guest RAM and threads are ours.
+    let ram = common::host::hugepage_mappings(memory_mib << 20);
+    assert_eq!(ram.len(), 1, "one hugepage RAM mapping of 256 MiB: {ram:?}");
+    assert_eq!(ram[0].1, memory_mib << 10, "prefaulted in full");
+    let numa_maps = std::fs::read_to_string("/proc/self/numa_maps").unwrap();
+    let line = numa_maps
+        .lines()
+        .find(|line| line.starts_with(&format!("{:x} ", ram[0].0)))
+        .expect("the guest RAM is in numa_maps");
+    assert!(line.contains(&format!("bind:{node}")), "{line}");
+    let filtered: Vec<(String, String)> = common::host::tasks()
+        .into_iter()
+        .filter(|task| task.name.starts_with("linux-vcpu") || task.name == "linux-disks")
+        .map(|task| (task.name, task.seccomp_mode))
+        .collect();
+    assert_eq!(filtered.len(), 2, "a vCPU and a disk thread: {filtered:?}");
+    assert!(filtered.iter().all(|(_, mode)| mode == "2"), "{filtered:?}");
+
+    // The disk is lx's: another partition asking for it is told whose it is.
+    let (status, body) = daemon.call(
+        "POST",
+        "/partitions",
+        Some(json!({
+            "id": "lx2",
+            "linux": {"kernel": kernel.vmlinux, "disks": [{"path": disk, "read_only": true}]},
+            "start": false
+        })),
+    );
+    assert_error(
+        "a disk of another partition",
+        (status, body.clone()),
+        409,
+        "conflict",
+        Some("linux.disks"),
+    );
+    assert!(body.to_string().contains("partition lx"), "{body}");
 
     let started = Instant::now();
     let timeout = common::seconds_from_env("AIVMM_LINUX_BOOT_TIMEOUT", 180);
@@ -1461,4 +1508,5 @@ fn a_linux_partition_boots_shows_its_console_and_frees_its_core() {
     );
     let (status, _) = daemon.call("DELETE", "/partitions/again", None);
     assert_eq!(status, 204);
+    let _ = std::fs::remove_file(&disk);
 }

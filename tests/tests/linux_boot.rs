@@ -21,6 +21,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use aivmm::isolation::{seccomp, ThreadKind};
 use aivmm::linux::boot_cpu::Entry;
 use aivmm::linux::boot_params::{
     BOOT_FLAG, CMDLINE_ADDR, HDRS_MAGIC, LOADER_UNDEFINED, ZERO_PAGE_ADDR,
@@ -31,6 +32,7 @@ use aivmm::linux::loader::{KernelFormat, LoaderError};
 use aivmm::linux::{
     e820, prepare_memory, BootProtocol, LinuxConfig, LinuxEnd, LinuxError, LinuxVm, Sample,
 };
+use aivmm::vstate::memory::RamBacking;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use common::debian_kernel as kernel;
@@ -137,6 +139,9 @@ fn config(kernel: &Path, memory_bytes: u64) -> LinuxConfig {
         devices: Vec::new(),
         disks: Vec::new(),
         input: None,
+        backing: RamBacking::Anonymous,
+        numa_node: None,
+        seccomp: true,
     }
 }
 
@@ -178,7 +183,7 @@ fn debian_bzimage_is_loaded_with_its_own_setup_header() {
     };
     let file = std::fs::read(&kernel.bzimage).unwrap();
     let memory_bytes = 256 << 20;
-    let memory = create_guest_ram(memory_bytes).unwrap();
+    let memory = create_guest_ram(memory_bytes, RamBacking::Anonymous, None).unwrap();
     let initrd_path = std::env::temp_dir().join(format!("aivmm-initrd-{}", std::process::id()));
     let initrd_bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + 3) as u8).collect();
     std::fs::write(&initrd_path, &initrd_bytes).unwrap();
@@ -276,7 +281,7 @@ fn debian_vmlinux_loads_at_its_physical_addresses_with_both_entries() {
     let memory_bytes = 256 << 20;
     let entry = u64::from_le_bytes(file[24..32].try_into().unwrap());
     for protocol in [BootProtocol::Auto, BootProtocol::Linux64, BootProtocol::Pvh] {
-        let memory = create_guest_ram(memory_bytes).unwrap();
+        let memory = create_guest_ram(memory_bytes, RamBacking::Anonymous, None).unwrap();
         let mut config = config(&kernel.vmlinux, memory_bytes);
         config.protocol = protocol;
         let layout = prepare_memory(&memory, &config).unwrap();
@@ -335,7 +340,7 @@ fn bad_kernels_and_initrds_are_refused_with_the_reason() {
     std::fs::create_dir_all(&dir).unwrap();
     let text = dir.join("not-a-kernel");
     std::fs::write(&text, "just some text, no kernel here\n".repeat(40)).unwrap();
-    let memory = create_guest_ram(64 << 20).unwrap();
+    let memory = create_guest_ram(64 << 20, RamBacking::Anonymous, None).unwrap();
     let error = prepare_memory(&memory, &config(&text, 64 << 20)).unwrap_err();
     assert!(
         matches!(error, LinuxError::Loader(LoaderError::NotAKernel { .. })),
@@ -358,7 +363,7 @@ fn bad_kernels_and_initrds_are_refused_with_the_reason() {
     };
     // The Debian kernel does not fit in 32 MiB.
     for image in [&kernel.vmlinux, &kernel.bzimage] {
-        let memory = create_guest_ram(32 << 20).unwrap();
+        let memory = create_guest_ram(32 << 20, RamBacking::Anonymous, None).unwrap();
         let error = prepare_memory(&memory, &config(image, 32 << 20)).unwrap_err();
         assert!(
             matches!(error, LinuxError::Loader(LoaderError::TooLarge { .. })),
@@ -369,7 +374,7 @@ fn bad_kernels_and_initrds_are_refused_with_the_reason() {
             "{error}"
         );
     }
-    let memory = create_guest_ram(256 << 20).unwrap();
+    let memory = create_guest_ram(256 << 20, RamBacking::Anonymous, None).unwrap();
     let mut with_initrd = config(&kernel.vmlinux, 256 << 20);
     with_initrd.initrd = Some("/nonexistent/initrd.img".into());
     let error = prepare_memory(&memory, &with_initrd).unwrap_err();
@@ -545,6 +550,10 @@ fn debian_vmlinux_boots_under_kvm_towards_its_first_console_line() {
     let disk = std::env::temp_dir().join(format!("aivmm-boot-disk-{}.img", std::process::id()));
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let timeout = seconds_from_env("AIVMM_LINUX_BOOT_TIMEOUT", 180);
+    // The vCPU and disk threads run under their seccomp filters (config()).
+    let refused =
+        || [ThreadKind::LinuxVcpu, ThreadKind::LinuxDisks].map(|kind| seccomp::refused(kind).0);
+    let refused_before = refused();
     // The early console replays the boot log: "Linux version", then the
     // command line the kernel got.
     let (seen, console) = boot_and_report(
@@ -562,6 +571,7 @@ fn debian_vmlinux_boots_under_kvm_towards_its_first_console_line() {
         },
     );
     let _ = std::fs::remove_file(&disk);
+    assert_eq!(refused(), refused_before, "the filters refused nothing");
     if seen {
         assert!(console.contains("Linux version 6."), "{console}");
         // The disk is in the DSDT (LNRO0005), not on the command line.
@@ -787,4 +797,82 @@ fn device_passthrough_is_refused_before_boot_without_an_iommu() {
     let console = std::fs::read(&log).unwrap_or_default();
     assert!(console.is_empty(), "{}", String::from_utf8_lossy(&console));
     let _ = std::fs::remove_file(&log);
+}
+
+/// A Linux guest gets the partitions' isolation: with hugepages and node 0
+/// its RAM is on 2 MiB pages, bound to node 0 and populated in full before
+/// the first KVM_RUN (checked in /proc/self/smaps and numa_maps), and its
+/// vCPU threads run under their seccomp filter (Seccomp: 2 in
+/// /proc/self/task/*/status) with nothing the kernel's first seconds make
+/// them do refused.
+#[test]
+fn linux_guest_ram_is_on_prefaulted_hugepages_bound_to_its_node() {
+    let test = "linux_guest_ram_is_on_prefaulted_hugepages_bound_to_its_node";
+    if !common::kvm_available(test) {
+        return;
+    }
+    let Some(kernel) = kernel(test) else {
+        return;
+    };
+    // Enough for the kernel's image (74 MiB) and its initial page tables.
+    let memory_bytes: u64 = 128 << 20;
+    common::host::ensure_free_hugepages(
+        memory_bytes / (2 << 20),
+        &format!("a Linux guest of {} MiB", memory_bytes >> 20),
+    );
+    let mut config = config(&kernel.vmlinux, memory_bytes);
+    config.backing = RamBacking::Hugepages;
+    config.numa_node = Some(0);
+    config.vcpus = 2;
+    let refused_before = seccomp::refused(ThreadKind::LinuxVcpu).0;
+    let vm = LinuxVm::start(config).unwrap_or_else(|error| panic!("{test}: {error}"));
+    // The kernel runs a while (slowly where KVM emulates it: it may not
+    // reach its first port access in this time).
+    vm.wait_until(Duration::from_secs(3), None, &mut |_| false);
+    let vcpu_threads: Vec<(String, String)> = common::host::tasks()
+        .into_iter()
+        .filter(|task| task.name.starts_with("linux-vcpu"))
+        .map(|task| (task.name, task.seccomp_mode))
+        .collect();
+    let ram = vm.ram_mappings();
+    let smaps = common::host::hugepage_mappings(memory_bytes);
+    let numa_maps = std::fs::read_to_string("/proc/self/numa_maps").unwrap();
+    let outcome = vm.stop();
+    assert_eq!(outcome.end, LinuxEnd::Stopped);
+    // KVM_RUN ran (the stop interrupted it) and the registers were read
+    // at the end, all under the filter.
+    assert!(
+        outcome.states.iter().all(Option::is_some),
+        "{:?}",
+        outcome.states
+    );
+    // Other tests of this binary may run guests at the same time.
+    assert!(vcpu_threads.len() >= 2, "{vcpu_threads:?}");
+    assert!(
+        vcpu_threads.iter().all(|(_, mode)| mode == "2"),
+        "every vCPU thread is filtered: {vcpu_threads:?}"
+    );
+    assert_eq!(
+        seccomp::refused(ThreadKind::LinuxVcpu).0,
+        refused_before,
+        "nothing refused"
+    );
+    assert_eq!(ram.len(), 1, "{ram:x?}: below the 32-bit hole only");
+    let (guest, host, size) = ram[0];
+    assert_eq!((guest, size), (0, memory_bytes));
+    let hugetlb_kb = smaps
+        .iter()
+        .find(|(start, _)| *start == host)
+        .unwrap_or_else(|| panic!("guest RAM at {host:#x} is not on 2 MiB pages: {smaps:x?}"))
+        .1;
+    assert_eq!(hugetlb_kb, memory_bytes >> 10, "prefaulted in full");
+    let line = numa_maps
+        .lines()
+        .find(|line| line.starts_with(&format!("{host:x} ")))
+        .unwrap_or_else(|| panic!("{host:x} not in numa_maps"));
+    assert!(line.contains("bind:0") && line.contains("huge"), "{line}");
+    assert!(
+        line.contains(&format!("N0={}", memory_bytes / (2 << 20))),
+        "every page on node 0: {line}"
+    );
 }

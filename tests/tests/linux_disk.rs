@@ -11,11 +11,13 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use aivmm::isolation::{seccomp, ThreadKind};
 use aivmm::linux::disk::{self, DiskSpec, Disks, DISK_IRQS, DISK_MMIO_BASE};
 use aivmm::linux::e820::create_guest_ram;
 use aivmm::linux::pio::PortBus;
 use aivmm::linux::serial::{Capture, IrqLine, SerialConsole};
 use aivmm::linux::vcpu::Shared;
+use aivmm::vstate::memory::RamBacking;
 use aivmm::vstate::vm::Vm;
 use aivmm_devices::bus::MmioBus;
 use aivmm_devices::virtio::block::{REQUEST_QUEUE, S_OK, T_IN, T_OUT};
@@ -61,7 +63,7 @@ fn a_queue_notification_through_kvm_serves_the_request_and_raises_irq_5() {
     let sectors: Vec<u8> = (0..8 * 512).map(|i| (i / 512) as u8).collect();
     std::fs::write(&image, &sectors).unwrap();
 
-    let memory = create_guest_ram(64 << 20).unwrap();
+    let memory = create_guest_ram(64 << 20, RamBacking::Anonymous, None).unwrap();
     let mut vm = Vm::new().unwrap();
     vm.register_ram(&memory).unwrap();
     vm.fd().create_irq_chip().unwrap();
@@ -74,7 +76,10 @@ fn a_queue_notification_through_kvm_serves_the_request_and_raises_irq_5() {
     }])
     .unwrap();
     let mut bus = MmioBus::new();
-    let mut disks = Disks::attach(&vm, &memory, blocks, &mut bus, shared.clone()).unwrap();
+    // The disk thread under its seccomp filter: serving reads, writes and
+    // the interrupt is allowed (nothing refused below).
+    let refused_before = seccomp::refused(ThreadKind::LinuxDisks).0;
+    let mut disks = Disks::attach(&vm, &memory, blocks, &mut bus, shared.clone(), true).unwrap();
 
     // The driver finds the device where the command line says it is.
     let (device, offset) = bus.find(DISK_MMIO_BASE).expect("disk 0 on the bus");
@@ -125,6 +130,11 @@ fn a_queue_notification_through_kvm_serves_the_request_and_raises_irq_5() {
     disks.stop();
     assert_eq!(disks.stats()[0].requests, 2);
     assert_eq!(shared.end(), None, "the disk thread reported no error");
+    assert_eq!(
+        seccomp::refused(ThreadKind::LinuxDisks).0,
+        refused_before,
+        "the disk thread's filter refused nothing"
+    );
     assert!(!disks.notify(1).unwrap(), "there is one disk");
     let _ = std::fs::remove_file(&image);
 }

@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::host::{hugepage_mappings, read_number, tasks, Task};
+
 use std::path::Path;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
@@ -28,14 +30,6 @@ use aivmm_engine::sampling::SamplerConfig;
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 const N_CTX: usize = 512;
 const TOKENS: usize = 24;
-const HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
-
-fn read_number(path: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(0)
-}
 
 fn is_root() -> bool {
     // "Uid: real effective saved fs"
@@ -45,88 +39,6 @@ fn is_root() -> bool {
         .find_map(|line| line.strip_prefix("Uid:"))
         .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
         .unwrap_or(false)
-}
-
-/// One of this process's threads as the kernel shows it.
-#[derive(Debug)]
-struct Task {
-    tid: u32,
-    name: String,
-    cpus_allowed: String,
-    seccomp_mode: String,
-    cgroups: String,
-}
-
-fn tasks() -> Vec<Task> {
-    let mut tasks = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let dir = entry.path();
-        // A thread may end while it is being read: skip it.
-        let (Ok(status), Ok(cgroups)) = (
-            std::fs::read_to_string(dir.join("status")),
-            std::fs::read_to_string(dir.join("cgroup")),
-        ) else {
-            continue;
-        };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .map(|value| value.trim().to_string())
-                .unwrap_or_default()
-        };
-        tasks.push(Task {
-            tid,
-            name: field("Name:"),
-            cpus_allowed: field("Cpus_allowed_list:"),
-            seccomp_mode: field("Seccomp:"),
-            cgroups,
-        });
-    }
-    tasks
-}
-
-/// Mappings of this process of exactly `bytes` on 2 MiB pages, with how
-/// much of each is populated (Private_Hugetlb, kB).
-fn hugepage_mappings(bytes: u64) -> Vec<(u64, u64)> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut found = Vec::new();
-    let mut current: Option<(u64, u64, u64, u64)> = None; // start, size kB, page kB, hugetlb kB
-    let mut flush = |entry: Option<(u64, u64, u64, u64)>| {
-        if let Some((start, size, page, hugetlb)) = entry {
-            if size == bytes >> 10 && page == 2048 {
-                found.push((start, hugetlb));
-            }
-        }
-    };
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((start, _)) = first.split_once('-') {
-            if let Ok(start) = u64::from_str_radix(start, 16) {
-                flush(current.take());
-                current = Some((start, 0, 0, 0));
-                continue;
-            }
-        }
-        let kb = |prefix: &str| {
-            line.strip_prefix(prefix)
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        };
-        if let Some(entry) = current.as_mut() {
-            if let Some(v) = kb("Size:") {
-                entry.1 = v;
-            } else if let Some(v) = kb("KernelPageSize:") {
-                entry.2 = v;
-            } else if let Some(v) = kb("Private_Hugetlb:") {
-                entry.3 = v;
-            }
-        }
-    }
-    flush(current);
-    found
 }
 
 fn host_greedy(model_path: &Path, prompt: &[u32]) -> Vec<u32> {
@@ -166,27 +78,10 @@ fn two_pinned_hugepage_partitions_generate_the_host_tokens_at_once() {
     let plan = plan_memory(&model, N_CTX, 32, 1).unwrap();
     let memory_bytes = plan.default_bytes;
     let needed = 2 * memory_bytes / (2 << 20);
-    let free = || {
-        read_number(&format!("{HUGEPAGES}/free_hugepages"))
-            .saturating_sub(read_number(&format!("{HUGEPAGES}/resv_hugepages")))
-    };
-    if free() < needed {
-        // tests/run.sh reserves them before the tests; a plain `cargo test`
-        // runs the same script here.
-        let script = common::repo_root().join("tests/setup-hugepages.sh");
-        let out = std::process::Command::new(&script)
-            .arg(needed.to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success() && free() >= needed,
-            "two partitions of {} MiB need {needed} free 2 MiB hugepages, {} are, and \
-             tests/setup-hugepages.sh could not reserve them (run it as root):\n{}",
-            memory_bytes >> 20,
-            free(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    common::host::ensure_free_hugepages(
+        needed,
+        &format!("two partitions of {} MiB", memory_bytes >> 20),
+    );
     // A cgroup needs root (or a delegated hierarchy); the rest does not.
     let cgroups = is_root();
     if !cgroups {

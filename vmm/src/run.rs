@@ -615,7 +615,19 @@ fn run_linux(args: &RunArgs, kernel: PathBuf) -> Result<(), RunError> {
         .as_deref()
         .unwrap_or(crate::linux::cli::DEFAULT_MEMORY);
     let memory_bytes = parse_memory_size(memory)?;
-    crate::linux::cli::run(&args.linux, kernel, vcpus, host_cpus, memory_bytes)?;
+    let resources = crate::linux::cli::Resources {
+        vcpus,
+        host_cpus,
+        memory_bytes,
+        backing: if args.hugepages {
+            RamBacking::Hugepages
+        } else {
+            RamBacking::Anonymous
+        },
+        numa_node: args.numa_node,
+        seccomp: !args.no_seccomp,
+    };
+    crate::linux::cli::run(&args.linux, kernel, resources)?;
     Ok(())
 }
 

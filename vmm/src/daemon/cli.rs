@@ -28,7 +28,7 @@ pub struct ClientArgs {
 #[derive(Subcommand, Debug, Clone)]
 pub enum PartitionCommand {
     /// Create a partition (and boot it, unless --no-start).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List partitions.
     List,
     /// Show one partition.
@@ -79,6 +79,10 @@ pub struct CreateArgs {
     /// A host PCI device to pass through to the Linux guest (repeatable).
     #[arg(long = "device", requires = "kernel")]
     pub devices: Vec<String>,
+    /// A disk image or block device for the Linux guest, as virtio-blk
+    /// (repeatable; PATH,ro attaches it read-only).
+    #[arg(long = "disk", value_name = "PATH[,ro]", requires = "kernel")]
+    pub disks: Vec<crate::linux::disk::DiskSpec>,
     #[arg(long)]
     pub vcpus: Option<u32>,
     /// Host CPUs, one per vCPU: "2,3" or "2-5".
@@ -286,6 +290,16 @@ pub fn partition(args: &ClientArgs, command: &PartitionCommand) -> Result<(), Cl
                     initrd: create.initrd.as_deref().map(absolute).transpose()?,
                     cmdline: create.cmdline.clone(),
                     boot_protocol: create.boot_protocol,
+                    disks: create
+                        .disks
+                        .iter()
+                        .map(|disk| {
+                            Ok(LinuxDisk {
+                                path: absolute(&disk.path)?,
+                                read_only: disk.read_only,
+                            })
+                        })
+                        .collect::<Result<_, CliError>>()?,
                 }),
                 None => None,
             };
@@ -618,7 +632,7 @@ mod tests {
     fn create(args: &[&str]) -> Result<CreateArgs, clap::Error> {
         let argv = ["aivmm", "create"].iter().chain(args).copied();
         match Command::try_parse_from(argv)?.partition {
-            PartitionCommand::Create(create) => Ok(create),
+            PartitionCommand::Create(create) => Ok(*create),
             other => panic!("{other:?}"),
         }
     }
@@ -637,8 +651,22 @@ mod tests {
             "0000:17:00.0",
             "--device",
             "0000:ca:00.0",
+            "--disk",
+            "/srv/root.img",
+            "--disk",
+            "/srv/data.img,ro",
         ])
         .unwrap();
+        assert_eq!(
+            lx.disks
+                .iter()
+                .map(|d| (d.path.display().to_string(), d.read_only))
+                .collect::<Vec<_>>(),
+            [
+                ("/srv/root.img".into(), false),
+                ("/srv/data.img".into(), true)
+            ]
+        );
         assert_eq!(
             lx.kernel.as_deref(),
             Some(std::path::Path::new("/boot/vmlinuz"))
@@ -651,6 +679,8 @@ mod tests {
             &["x", "--kernel", "/k", "--model", "tiny"][..],
             &["x", "--device", "0000:17:00.0"],
             &["x", "--initrd", "/i"],
+            &["x", "--disk", "/d.img"],
+            &["x", "--kernel", "/k", "--disk", "/d.img,rx"],
             &["x", "--kernel", "/k", "--boot-protocol", "efi"],
         ] {
             assert!(create(bad).is_err(), "{bad:?}");

@@ -9,12 +9,17 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aivmm_api::types::{BootProtocol as ApiProtocol, ConsoleTail, LinuxExits, LinuxSpec};
+use aivmm_api::types::{
+    BootProtocol as ApiProtocol, ConsoleTail, LinuxDisk, LinuxExits, LinuxSpec,
+};
 use aivmm_api::{ApiError, ErrorCode};
+use aivmm_devices::virtio::block::{Block, BlockError};
 use aivmm_passthrough::bdf::Bdf;
 
 use crate::isolation::{CgroupScope, CgroupSpec, PartitionCgroup, ThreadIsolation, ThreadKind};
+use crate::linux::disk::DiskSpec;
 use crate::linux::{default_cmdline, loader, BootProtocol, LinuxConfig, LinuxEnd, LinuxVm};
+use crate::vstate::memory::RamBacking;
 
 /// Guest memory of a Linux partition when `memory_mib` is not given.
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
@@ -28,11 +33,15 @@ pub struct LinuxPlan {
     pub protocol: BootProtocol,
     /// Claimed by the manager, passed through to the guest.
     pub devices: Vec<Bdf>,
+    /// virtio-blk disks (canonical paths), locked at each boot.
+    pub disks: Vec<DiskSpec>,
     pub vcpus: u32,
     /// One per vCPU, from the placer (empty until placed).
     pub host_cpus: Vec<usize>,
     pub numa_node: Option<u32>,
     pub memory_bytes: u64,
+    /// Guest RAM on 2 MiB hugepages (from the placed node's pool).
+    pub hugepages: bool,
     /// Where the serial console goes (rewritten at every boot).
     pub console_log: PathBuf,
 }
@@ -44,6 +53,7 @@ pub fn plan(
     devices: &[String],
     vcpus: u32,
     memory_mib: Option<u64>,
+    hugepages: bool,
     console_log: PathBuf,
 ) -> Result<LinuxPlan, ApiError> {
     let kernel = PathBuf::from(&linux.kernel);
@@ -59,6 +69,11 @@ pub fn plan(
             ));
         }
     }
+    let disks = linux
+        .disks
+        .iter()
+        .map(check_disk)
+        .collect::<Result<Vec<_>, _>>()?;
     let devices = devices
         .iter()
         .map(|text| {
@@ -90,10 +105,12 @@ pub fn plan(
             ApiProtocol::Pvh => BootProtocol::Pvh,
         },
         devices,
+        disks,
         vcpus,
         host_cpus: Vec::new(),
         numa_node: None,
         memory_bytes,
+        hugepages,
         console_log,
     })
 }
@@ -110,6 +127,42 @@ fn check_kernel(kernel: &Path) -> Result<(), ApiError> {
     loader::detect(kernel, &head)
         .map(|_| ())
         .map_err(|error| invalid(error.to_string()))
+}
+
+/// A disk of the spec: a regular file or a block device (checked before the
+/// open, which would wait on a FIFO), openable as asked and not locked by
+/// another VM right now (the lock itself is taken at each boot). A disk
+/// some process holds is a conflict (409), anything else a bad request.
+fn check_disk(disk: &LinuxDisk) -> Result<DiskSpec, ApiError> {
+    use std::os::unix::fs::FileTypeExt;
+    let invalid = |why: String| ApiError::invalid("linux.disks", why);
+    let path = Path::new(&disk.path);
+    let meta = std::fs::metadata(path)
+        .map_err(|error| invalid(format!("cannot read {}: {error}", path.display())))?;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return Err(invalid(format!(
+            "{} is neither a disk image (a regular file) nor a block device",
+            path.display()
+        )));
+    }
+    let path = path
+        .canonicalize()
+        .map_err(|error| invalid(format!("cannot read {}: {error}", path.display())))?;
+    match Block::open(&path, disk.read_only) {
+        Ok(_probe) => {}
+        Err(error @ BlockError::Locked { .. }) => {
+            return Err(ApiError {
+                code: ErrorCode::Conflict,
+                message: format!("linux.disks: {error}"),
+                param: Some("linux.disks".into()),
+            })
+        }
+        Err(error) => return Err(invalid(error.to_string())),
+    }
+    Ok(DiskSpec {
+        path,
+        read_only: disk.read_only,
+    })
 }
 
 /// Opens `path` if it is a regular file (checked before the open, which
@@ -162,8 +215,9 @@ pub fn ended_cleanly(end: &LinuxEnd) -> bool {
 
 /// Boots `plan` for partition `id` (cgroup named `cgroup_name`, if any). The
 /// boot runs on a thread of its own that joins the partition's cgroup first:
-/// the vCPU threads it creates inherit the cgroup and then pin themselves to
-/// their host CPU each.
+/// the vCPU threads it creates inherit the cgroup, then pin themselves to
+/// their host CPU each and install their seccomp filter (unless `aivmm
+/// serve --no-seccomp`), as the disk thread does.
 pub fn boot(plan: &LinuxPlan, cgroup_name: Option<String>) -> Result<LinuxRun, String> {
     // The tenant's console is the tenant's: readable by the daemon's user only.
     let console = std::fs::OpenOptions::new()
@@ -204,14 +258,22 @@ pub fn boot(plan: &LinuxPlan, cgroup_name: Option<String>) -> Result<LinuxRun, S
         console: Some(Box::new(console)),
         console_capture_limit: 0,
         devices: plan.devices.clone(),
-        disks: Vec::new(),
+        disks: plan.disks.clone(),
         // The console goes to the log file; there is no input to give it.
         input: None,
+        backing: if plan.hugepages {
+            RamBacking::Hugepages
+        } else {
+            RamBacking::Anonymous
+        },
+        numa_node: plan.numa_node,
+        // The vCPU, disk (and serial input) threads install their own.
+        seccomp: super::worker::seccomp_enabled(),
     };
+    // The boot thread opens the kernel, disks and devices: it gets the
+    // cgroup and pinning, and the VM's own threads their filters.
     let isolation = ThreadIsolation {
         cgroup: cgroup.clone(),
-        // The seccomp filters are written for the inference partitions'
-        // threads; a Linux guest's vCPU loop is not covered by them yet.
         seccomp: false,
     };
     let host_cpus = plan.host_cpus.clone();
@@ -220,7 +282,7 @@ pub fn boot(plan: &LinuxPlan, cgroup_name: Option<String>) -> Result<LinuxRun, S
             .name("linux-boot".into())
             .spawn_scoped(scope, move || {
                 isolation
-                    .enter(ThreadKind::Vcpu, Some(&host_cpus))
+                    .enter(ThreadKind::LinuxVcpu, Some(&host_cpus))
                     .map_err(|error| error.to_string())?;
                 LinuxVm::start(config).map_err(|error| error.to_string())
             })
@@ -304,6 +366,7 @@ mod tests {
             initrd: None,
             cmdline: None,
             boot_protocol: ApiProtocol::Auto,
+            disks: Vec::new(),
         }
     }
 
@@ -312,7 +375,7 @@ mod tests {
         let dir = Scratch::new("plan");
         let log = dir.path().join("console.log");
         let missing = dir.path().join("vmlinuz-missing");
-        let error = plan(&spec(&missing), &[], 1, None, log.clone()).unwrap_err();
+        let error = plan(&spec(&missing), &[], 1, None, false, log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("linux.kernel"));
         assert!(
             error.message.contains("vmlinuz-missing") && error.message.contains("cannot read"),
@@ -321,7 +384,7 @@ mod tests {
 
         let script = dir.path().join("not-a-kernel");
         std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
-        let error = plan(&spec(&script), &[], 1, None, log.clone()).unwrap_err();
+        let error = plan(&spec(&script), &[], 1, None, false, log.clone()).unwrap_err();
         assert!(
             error
                 .message
@@ -334,29 +397,72 @@ mod tests {
         std::fs::write(&elf, b"\x7fELF\x02\x01\x01").unwrap();
         let mut linux = spec(&elf);
         linux.initrd = Some(dir.path().join("no-initrd").display().to_string());
-        let error = plan(&linux, &[], 1, None, log.clone()).unwrap_err();
+        let error = plan(&linux, &[], 1, None, false, log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("linux.initrd"));
         linux.initrd = None;
-        let error = plan(&linux, &["17:00".into()], 1, None, log.clone()).unwrap_err();
+        let error = plan(&linux, &["17:00".into()], 1, None, false, log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("devices"));
         let empty = dir.path().join("empty-initrd");
         std::fs::write(&empty, "").unwrap();
         linux.initrd = Some(empty.display().to_string());
-        let error = plan(&linux, &[], 1, None, log.clone()).unwrap_err();
+        let error = plan(&linux, &[], 1, None, false, log.clone()).unwrap_err();
         assert!(error.message.contains("empty-initrd is empty"), "{error}");
         linux.initrd = None;
-        let error = plan(&spec(dir.path()), &[], 1, None, log.clone()).unwrap_err();
+        let error = plan(&spec(dir.path()), &[], 1, None, false, log.clone()).unwrap_err();
         assert!(error.message.contains("is not a regular file"), "{error}");
-        let error = plan(&linux, &[], 1, Some(8), log.clone()).unwrap_err();
+        let error = plan(&linux, &[], 1, Some(8), false, log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("memory_mib"));
-        let error = plan(&linux, &[], 1, Some(u64::MAX >> 10), log.clone()).unwrap_err();
+        let error = plan(&linux, &[], 1, Some(u64::MAX >> 10), false, log.clone()).unwrap_err();
         assert_eq!(error.param.as_deref(), Some("memory_mib"));
-        let plan = plan(&linux, &["17:00.0".into()], 2, None, log).unwrap();
+        let plan = plan(&linux, &["17:00.0".into()], 2, None, false, log).unwrap();
         assert_eq!(plan.memory_bytes, DEFAULT_MEMORY_MIB << 20);
         // With a device and no command line given, the guest probes PCI.
         assert_eq!(plan.cmdline, crate::linux::default_cmdline(true));
         assert!(!plan.cmdline.contains("pci=off"));
         assert_eq!(plan.devices[0].to_string(), "0000:17:00.0");
+    }
+
+    #[test]
+    fn disks_are_checked_and_a_held_one_is_a_conflict() {
+        let dir = Scratch::new("disks");
+        let log = dir.path().join("console.log");
+        let elf = dir.path().join("vmlinux");
+        std::fs::write(&elf, b"\x7fELF\x02\x01\x01").unwrap();
+        let image = dir.path().join("root.img");
+        std::fs::write(&image, vec![0u8; 4096]).unwrap();
+        let with = |path: &Path, read_only: bool| {
+            let mut linux = spec(&elf);
+            linux.disks = vec![LinuxDisk {
+                path: path.display().to_string(),
+                read_only,
+            }];
+            plan(&linux, &[], 1, None, false, log.clone())
+        };
+        let error = with(&dir.path().join("missing.img"), false).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("linux.disks"));
+        assert!(error.message.contains("missing.img"), "{error}");
+        let error = with(dir.path(), false).unwrap_err();
+        assert!(error.message.contains("neither a disk image"), "{error}");
+        let empty = dir.path().join("empty.img");
+        std::fs::write(&empty, b"").unwrap();
+        assert_eq!(
+            with(&empty, false).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
+
+        let planned = with(&image, false).unwrap();
+        assert_eq!(planned.disks.len(), 1);
+        assert_eq!(planned.disks[0].path, image.canonicalize().unwrap());
+        // The plan's probe released its lock: the boot takes it.
+        let held = Block::open(&image, false).unwrap();
+        let error = with(&image, true).unwrap_err();
+        assert_eq!(error.code, ErrorCode::Conflict, "{error}");
+        assert!(error.message.contains("in use by another VM"), "{error}");
+        drop(held);
+        let reader = Block::open(&image, true).unwrap();
+        assert!(with(&image, true).is_ok(), "read-only disks are shared");
+        assert_eq!(with(&image, false).unwrap_err().code, ErrorCode::Conflict);
+        drop(reader);
     }
 
     #[test]

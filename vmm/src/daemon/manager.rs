@@ -125,6 +125,7 @@ impl Manager {
                 &saved.spec.devices,
                 saved.placement.host_cpus.len() as u32,
                 saved.spec.memory_mib,
+                saved.spec.hugepages,
                 self.console_log(id).map_err(|error| error.message)?,
             )
             .map_err(|error| error.message)?;
@@ -472,16 +473,25 @@ impl Manager {
         linux: &LinuxSpec,
         vcpus: u32,
     ) -> Result<Plan, ApiError> {
+        // Before the plan's own lock probe: a disk of another partition
+        // here is named with its holder.
+        self.check_disks_free(&spec.id, linux)?;
         let mut plan = linux::plan(
             linux,
             &spec.devices,
             vcpus,
             spec.memory_mib,
+            spec.hugepages,
             self.console_log(&spec.id)?,
         )?;
         // Before placement, so that a held device is named even when the
         // cores are taken too.
         self.devices.check_free(&spec.id, &plan.devices)?;
+        if spec.hugepages {
+            if let Err(error) = self.placer.refresh_hugepages() {
+                eprintln!("aivmm serve: cannot read the hugepage pools again ({error}); placing with the counts read before");
+            }
+        }
         let numa_node = spec.numa_node.or_else(|| {
             plan.devices
                 .iter()
@@ -496,7 +506,7 @@ impl Manager {
             },
             cores: spec.cores.clone(),
             memory_bytes: plan.memory_bytes,
-            hugepages: None,
+            hugepages: spec.hugepages.then_some(HugepageSize::TwoMiB),
             numa_node,
         };
         let placement = self
@@ -515,6 +525,41 @@ impl Manager {
         plan.host_cpus = placement.host_cpus;
         plan.numa_node = Some(placement.node);
         Ok(Plan::Linux(plan))
+    }
+
+    /// No disk of `linux` is another partition's, unless both attach it
+    /// read-only (the locks the boots take would refuse it then, or later).
+    fn check_disks_free(&self, id: &str, linux: &LinuxSpec) -> Result<(), ApiError> {
+        for disk in &linux.disks {
+            // A path that does not resolve is the plan's error to report.
+            let Ok(path) = Path::new(&disk.path).canonicalize() else {
+                continue;
+            };
+            for (holder, handle) in &self.partitions {
+                if holder == id {
+                    continue;
+                }
+                let status = handle.shared.status();
+                let Plan::Linux(plan) = &status.plan else {
+                    continue;
+                };
+                if let Some(held) = plan.disks.iter().find(|held| held.path == path) {
+                    if held.read_only && disk.read_only {
+                        continue;
+                    }
+                    return Err(ApiError {
+                        code: ErrorCode::Conflict,
+                        message: format!(
+                            "linux.disks: {} is a disk of partition {holder} ({}); delete that partition, or attach the disk read-only in both",
+                            path.display(),
+                            if held.read_only { "read-only" } else { "writable" }
+                        ),
+                        param: Some("linux.disks".into()),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn console(&self, id: &str, bytes: u64) -> Result<ConsoleTail, ApiError> {

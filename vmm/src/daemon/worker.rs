@@ -146,12 +146,17 @@ pub fn set_isolation(cgroup: bool, seccomp: bool) {
     let _ = ISOLATION.set((cgroup, seccomp));
 }
 
+/// Whether partition threads (inference and Linux) get their seccomp filters.
+pub fn seccomp_enabled() -> bool {
+    ISOLATION.get_or_init(|| (true, true)).1
+}
+
 /// Boots `plan` for partition `id`: guest memory bound to the node the placer
 /// chose, the vCPU and event threads in a cgroup of their own (one per boot: a
 /// swap runs two at once) and under seccomp.
 fn boot(plan: &BootPlan, id: &str) -> Result<InferencePartition, String> {
     let numa_node = plan.numa_node;
-    let (_, seccomp) = *ISOLATION.get_or_init(|| (true, true));
+    let seccomp = seccomp_enabled();
     let config = PartitionConfig {
         numa_node,
         isolation: IsolationConfig {
@@ -261,7 +266,7 @@ impl Shared {
                 host_cpus: plan.host_cpus,
                 numa_node: plan.numa_node,
                 memory_mib: plan.memory_bytes >> 20,
-                hugepages: false,
+                hugepages: plan.hugepages,
                 context_length: 0,
                 uptime_secs,
                 error: status.error,

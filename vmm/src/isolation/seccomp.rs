@@ -49,6 +49,25 @@ pub enum ThreadKind {
     Events,
     /// The daemon's HTTP API threads (tokio workers and blocking threads).
     Api,
+    /// A Linux guest's vCPU: KVM_RUN, the port and MMIO devices (serial,
+    /// PCI config space, virtio-mmio registers), passed-through devices'
+    /// trapped BARs and their BAR moves and MSI/MSI-X changes.
+    LinuxVcpu,
+    /// A Linux guest's disk thread: virtio-blk requests on the image files.
+    LinuxDisks,
+    /// A Linux guest's serial input thread: host input into the UART.
+    SerialInput,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 6] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Events,
+        ThreadKind::Api,
+        ThreadKind::LinuxVcpu,
+        ThreadKind::LinuxDisks,
+        ThreadKind::SerialInput,
+    ];
 }
 
 impl ThreadKind {
@@ -57,6 +76,9 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Events => "partition event",
             ThreadKind::Api => "API",
+            ThreadKind::LinuxVcpu => "Linux vCPU",
+            ThreadKind::LinuxDisks => "Linux disk",
+            ThreadKind::SerialInput => "serial input",
         }
     }
 }
@@ -65,6 +87,13 @@ impl ThreadKind {
 const KVM_RUN: u64 = 0xae80;
 const KVM_GET_REGS: u64 = 0x8090_ae81;
 const KVM_GET_SREGS: u64 = 0x8138_ae83;
+// A Linux vCPU thread applying a passed-through device's guest changes:
+// a BAR move (memslots), MSI/MSI-X routes (GSI routing, irqfds) and
+// VFIO's interrupt set-up.
+const KVM_SET_USER_MEMORY_REGION: u64 = 0x4020_ae46;
+const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
+const KVM_IRQFD: u64 = 0x4020_ae76;
+const VFIO_DEVICE_SET_IRQS: u64 = 0x3b6e;
 
 // Conditions compare 32 bits: the kernel takes ioctl requests, mmap
 // protections and prctl options as ints.
@@ -97,6 +126,35 @@ const COMMON: &[i64] = &[
 ];
 
 const VCPU: &[i64] = &[];
+
+/// Besides its ioctls: ending the VM kicks the other vCPUs (pthread_kill:
+/// getpid and tgkill), a passed-through device's trapped BAR is a pread or
+/// pwrite on its VFIO device, and the disks' configuration is read here.
+const LINUX_VCPU: &[i64] = &[
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+];
+
+/// The event loop (epoll), the notification eventfds (read), the image
+/// files (positioned reads and writes, fdatasync for a flush) and the
+/// interrupt eventfd (write, in COMMON).
+const LINUX_DISKS: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+];
+
+/// Waiting for input or the stop event (epoll), reading the input.
+const SERIAL_INPUT: &[i64] = &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_read];
 
 const EVENTS: &[i64] = &[
     libc::SYS_epoll_wait,
@@ -155,6 +213,9 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         ThreadKind::Vcpu => VCPU,
         ThreadKind::Events => EVENTS,
         ThreadKind::Api => API,
+        ThreadKind::LinuxVcpu => LINUX_VCPU,
+        ThreadKind::LinuxDisks => LINUX_DISKS,
+        ThreadKind::SerialInput => SERIAL_INPUT,
     };
     for &call in COMMON.iter().chain(extra) {
         rules.insert(call, Vec::new());
@@ -190,7 +251,22 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
                 .collect::<Result<Vec<_>, _>>()?;
             rules.insert(libc::SYS_prctl, prctl);
         }
-        ThreadKind::Events => {}
+        ThreadKind::LinuxVcpu => {
+            let ioctl = [
+                KVM_RUN,
+                KVM_GET_REGS,
+                KVM_GET_SREGS,
+                KVM_SET_USER_MEMORY_REGION,
+                KVM_SET_GSI_ROUTING,
+                KVM_IRQFD,
+                VFIO_DEVICE_SET_IRQS,
+            ]
+            .into_iter()
+            .map(|request| rule(vec![condition(kind, 1, SeccompCmpOp::Eq, request)?]))
+            .collect::<Result<Vec<_>, _>>()?;
+            rules.insert(libc::SYS_ioctl, ioctl);
+        }
+        ThreadKind::Events | ThreadKind::LinuxDisks | ThreadKind::SerialInput => {}
     }
     if kind != ThreadKind::Api {
         // std checks that a file descriptor is open before closing it.
@@ -218,7 +294,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 fn compiled(kind: ThreadKind) -> Result<&'static BpfProgram, SeccompError> {
     static FILTERS: OnceLock<BTreeMap<ThreadKind, Result<BpfProgram, String>>> = OnceLock::new();
     let filters = FILTERS.get_or_init(|| {
-        [ThreadKind::Vcpu, ThreadKind::Events, ThreadKind::Api]
+        ThreadKind::ALL
             .into_iter()
             .map(|kind| (kind, filter(kind).map_err(|error| error.to_string())))
             .collect()
@@ -238,8 +314,10 @@ thread_local! {
     static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
 }
 
-/// Refusals per thread kind (vCPU, events, API, a thread of unknown kind).
-static REFUSED: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+/// Refusals per thread kind (in [`ThreadKind::ALL`]'s order, then a thread
+/// of unknown kind).
+static REFUSED: [AtomicU64; ThreadKind::ALL.len() + 1] =
+    [const { AtomicU64::new(0) }; ThreadKind::ALL.len() + 1];
 static LAST_REFUSED: AtomicI64 = AtomicI64::new(-1);
 
 fn kind_index(kind: Option<ThreadKind>) -> usize {
@@ -247,7 +325,10 @@ fn kind_index(kind: Option<ThreadKind>) -> usize {
         Some(ThreadKind::Vcpu) => 0,
         Some(ThreadKind::Events) => 1,
         Some(ThreadKind::Api) => 2,
-        None => 3,
+        Some(ThreadKind::LinuxVcpu) => 3,
+        Some(ThreadKind::LinuxDisks) => 4,
+        Some(ThreadKind::SerialInput) => 5,
+        None => ThreadKind::ALL.len(),
     }
 }
 
@@ -343,7 +424,7 @@ fn install_handler() -> Result<(), SeccompError> {
 /// Checks that the filters build (to refuse a start before any thread runs).
 pub fn prepare() -> Result<(), SeccompError> {
     install_handler()?;
-    for kind in [ThreadKind::Vcpu, ThreadKind::Events, ThreadKind::Api] {
+    for kind in ThreadKind::ALL {
         compiled(kind)?;
     }
     Ok(())
@@ -372,7 +453,7 @@ mod tests {
 
     #[test]
     fn filters_build() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::Events, ThreadKind::Api] {
+        for kind in ThreadKind::ALL {
             assert!(!filter(kind).unwrap().is_empty());
         }
     }
@@ -415,6 +496,52 @@ mod tests {
         assert!(result.7);
         // This thread has no filter.
         assert!(std::fs::File::open("/proc/self/status").is_ok());
+    }
+
+    /// The Linux guest's threads: each may read an open file at an offset
+    /// (a trapped BAR, a disk image, the console input) but not open one,
+    /// make a socket or an ioctl outside its list.
+    #[test]
+    fn linux_filters_refuse_what_their_threads_never_do() {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        for kind in [
+            ThreadKind::LinuxVcpu,
+            ThreadKind::LinuxDisks,
+            ThreadKind::SerialInput,
+        ] {
+            let file = file.try_clone().unwrap();
+            let (allowed, socket, open, ioctl, counted) = std::thread::spawn(move || {
+                apply(kind).unwrap();
+                let before = refused(kind).0;
+                let mut head = [0u8; 4];
+                let allowed = match kind {
+                    ThreadKind::SerialInput => {
+                        std::io::Read::read(&mut &file, &mut head).map(|_| head)
+                    }
+                    _ => file.read_at(&mut head, 0).map(|_| head),
+                };
+                // SAFETY: plain system calls with valid (or null) arguments.
+                let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                let open = std::fs::File::open("/etc/hostname").map(|_| ());
+                let ioctl = unsafe { libc::ioctl(0, libc::FIONREAD, std::ptr::null_mut::<u8>()) };
+                let ioctl_errno = std::io::Error::last_os_error().raw_os_error();
+                (
+                    allowed.map_err(|e| e.to_string()),
+                    socket,
+                    open.map_err(|e| e.raw_os_error()),
+                    (ioctl, ioctl_errno),
+                    refused(kind).0 - before,
+                )
+            })
+            .join()
+            .unwrap();
+            assert_eq!(allowed, Ok(*b"\x7fELF"), "{kind:?}: reading an open file");
+            assert_eq!(socket, -1, "{kind:?}: socket");
+            assert_eq!(open, Err(Some(libc::EPERM)), "{kind:?}: open");
+            assert_eq!(ioctl, (-1, Some(libc::EPERM)), "{kind:?}: ioctl");
+            assert!(counted >= 3, "{kind:?}: refusals counted: {counted}");
+        }
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub fn configure(
 mod tests {
     use super::*;
     use crate::linux::e820::create_guest_ram;
+    use crate::vstate::memory::RamBacking;
     use kvm_bindings::kvm_cpuid_entry2;
 
     #[test]
@@ -212,7 +213,7 @@ mod tests {
 
     #[test]
     fn identity_map_covers_4_gib_with_2_mib_pages() {
-        let memory = create_guest_ram(64 << 20).unwrap();
+        let memory = create_guest_ram(64 << 20, RamBacking::Anonymous, None).unwrap();
         let cr3 = write_page_tables(&memory).unwrap();
         let read = |addr: u64| memory.read_obj::<u64>(GuestAddress(addr)).unwrap();
         for addr in [

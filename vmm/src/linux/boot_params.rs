@@ -152,6 +152,7 @@ pub fn write(
 mod tests {
     use super::*;
     use crate::linux::e820;
+    use crate::vstate::memory::RamBacking;
     use std::mem::{offset_of, size_of};
 
     /// Offsets from Documentation/arch/x86/zero-page.rst and boot.rst.
@@ -197,7 +198,7 @@ mod tests {
     #[test]
     fn written_zero_page_has_the_fields_at_their_offsets() {
         let size = 128 << 20;
-        let memory = e820::create_guest_ram(size).unwrap();
+        let memory = e820::create_guest_ram(size, RamBacking::Anonymous, None).unwrap();
         let map = e820::memory_map(size).unwrap();
         let cmdline = "console=ttyS0 panic=1";
         let initrd = (0x600_0000, 0x12345);

@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use super::disk::DiskSpec;
 use super::serial_input::{SerialInput, ESCAPE, QUIT};
 use super::{BootProtocol, LinuxConfig, LinuxEnd, LinuxError, LinuxOutcome, LinuxVm};
+use crate::vstate::memory::RamBacking;
 
 /// The guest memory of a Linux guest when --memory is not given.
 pub const DEFAULT_MEMORY: &str = "512M";
@@ -128,14 +129,46 @@ fn stdin_input() -> (Option<SerialInput>, Option<RawTerminal>) {
     (Some(input), raw)
 }
 
-/// Boots `kernel` with the sizes already resolved by `aivmm run`.
+/// What `aivmm run` resolved from its shared options (--vcpus, --cpus,
+/// --memory, --hugepages, --numa-node, --no-seccomp).
+#[derive(Debug, Clone)]
+pub struct Resources {
+    pub vcpus: u32,
+    pub host_cpus: Option<Vec<usize>>,
+    pub memory_bytes: u64,
+    pub backing: RamBacking,
+    pub numa_node: Option<u32>,
+    pub seccomp: bool,
+}
+
+impl Resources {
+    /// `vcpus` unpinned vCPUs and `memory_bytes` of anonymous memory, filtered.
+    pub fn new(vcpus: u32, memory_bytes: u64) -> Self {
+        Resources {
+            vcpus,
+            host_cpus: None,
+            memory_bytes,
+            backing: RamBacking::Anonymous,
+            numa_node: None,
+            seccomp: true,
+        }
+    }
+}
+
+/// Boots `kernel` with the resources already resolved by `aivmm run`.
 pub fn run(
     args: &LinuxArgs,
     kernel: PathBuf,
-    vcpus: u32,
-    host_cpus: Option<Vec<usize>>,
-    memory_bytes: u64,
+    resources: Resources,
 ) -> Result<LinuxOutcome, LinuxCliError> {
+    let Resources {
+        vcpus,
+        host_cpus,
+        memory_bytes,
+        backing,
+        numa_node,
+        seccomp,
+    } = resources;
     let (input, raw_terminal) = match &args.console_log {
         Some(_) => (None, None),
         None => stdin_input(),
@@ -168,6 +201,9 @@ pub fn run(
         devices: args.devices.clone(),
         disks: args.disks.clone(),
         input,
+        backing,
+        numa_node,
+        seccomp,
     };
     let vm = LinuxVm::start(config)?;
     for line in &vm.devices {
@@ -323,6 +359,19 @@ mod tests {
         assert!(!disks[0].read_only && disks[1].read_only);
         assert!(RunArgs::try_parse_from(["run", "--kernel", "k", "--disk", "a,bad"]).is_err());
         assert!(RunArgs::try_parse_from(["run", "--disk", "root.img"]).is_err());
+        // The partitions' isolation options apply to Linux guests too.
+        let isolated = RunArgs::try_parse_from([
+            "run",
+            "--kernel",
+            "k",
+            "--hugepages",
+            "--numa-node",
+            "0",
+            "--no-seccomp",
+        ])
+        .unwrap();
+        assert!(isolated.hugepages && isolated.no_seccomp);
+        assert_eq!(isolated.numa_node, Some(0));
     }
 
     #[test]
@@ -340,7 +389,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let error = run(&args, kernel.clone(), 1, None, 64 << 20)
+        let error = run(&args, kernel.clone(), Resources::new(1, 64 << 20))
             .unwrap_err()
             .to_string();
         assert!(error.contains("aivmm-no-such-disk.img"), "{error}");
@@ -349,12 +398,12 @@ mod tests {
             path: image.clone(),
             read_only: true,
         };
-        let error = run(&args, kernel.clone(), 1, None, 64 << 20)
+        let error = run(&args, kernel.clone(), Resources::new(1, 64 << 20))
             .unwrap_err()
             .to_string();
         assert!(error.contains("in use by another VM"), "{error}");
         drop(held);
-        let error = run(&args, kernel.clone(), 1, None, 64 << 20)
+        let error = run(&args, kernel.clone(), Resources::new(1, 64 << 20))
             .unwrap_err()
             .to_string();
         assert!(error.contains("is not a Linux kernel image"), "{error}");
@@ -373,15 +422,15 @@ mod tests {
         };
         let text = std::env::temp_dir().join(format!("aivmm-not-a-kernel-{}", std::process::id()));
         std::fs::write(&text, "#!/bin/sh\necho hello\n").unwrap();
-        let error = run(&args, text.clone(), 1, None, 64 << 20)
+        let error = run(&args, text.clone(), Resources::new(1, 64 << 20))
             .unwrap_err()
             .to_string();
         assert!(error.contains("is not a Linux kernel image"), "{error}");
-        let error = run(&args, text.clone(), 1, None, 8 << 20)
+        let error = run(&args, text.clone(), Resources::new(1, 8 << 20))
             .unwrap_err()
             .to_string();
         assert!(error.contains("too small for a Linux guest"), "{error}");
-        let error = run(&args, text.clone(), 0, None, 64 << 20)
+        let error = run(&args, text.clone(), Resources::new(0, 64 << 20))
             .unwrap_err()
             .to_string();
         assert!(error.contains("1 to 254 vCPUs"), "{error}");

@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::e820::MMIO_HOLE_START;
 use super::vcpu::{LinuxEnd, Shared};
+use crate::isolation::ThreadKind;
 use crate::vstate::vm::{Vm, VmError};
 
 /// The first disk's register window, 256 MiB into the 32-bit hole (above
@@ -169,13 +170,15 @@ pub struct Disks {
 
 impl Disks {
     /// Puts each device on `bus` and wires its interrupt and notification
-    /// to KVM; starts the event thread (none without disks).
+    /// to KVM; starts the event thread (none without disks), under its
+    /// seccomp filter when `seccomp`.
     pub fn attach(
         vm: &Vm,
         memory: &GuestMemory,
         blocks: Vec<Block>,
         bus: &mut MmioBus,
         shared: Arc<Shared>,
+        seccomp: bool,
     ) -> Result<Self, DiskError> {
         if blocks.is_empty() {
             return Ok(Disks::default());
@@ -227,6 +230,12 @@ impl Disks {
         let thread = std::thread::Builder::new()
             .name("linux-disks".into())
             .spawn(move || {
+                if seccomp {
+                    if let Err(end) = LinuxEnd::enter_seccomp(ThreadKind::LinuxDisks) {
+                        shared.finish(end);
+                        return;
+                    }
+                }
                 while !stopped.load(Ordering::Acquire) {
                     if let Err(error) = manager.run() {
                         shared.finish(LinuxEnd::Disk {

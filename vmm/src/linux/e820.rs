@@ -2,7 +2,9 @@
 //! 32-bit MMIO hole and, for large guests, above 4 GiB) and the BIOS e820 map
 //! that tells the kernel so.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
+
+use crate::vstate::memory::{self, MemoryError, RamBacking};
 
 /// End of conventional memory usable as RAM (the rest of the first MiB is
 /// legacy VGA and BIOS space; the MP table lives there).
@@ -31,8 +33,6 @@ pub enum E820Error {
     Unaligned { size: u64 },
     #[error("guest memory of {size} bytes is too large (at most {max})")]
     TooLarge { size: u64, max: u64 },
-    #[error("cannot map {size} bytes of guest memory: {reason}")]
-    Mmap { size: u64, reason: String },
 }
 
 /// One entry of the e820 map.
@@ -83,17 +83,25 @@ pub fn low_ram_end(memory_bytes: u64) -> u64 {
     memory_bytes.min(MMIO_HOLE_START)
 }
 
-/// Guest RAM for `memory_bytes`, laid out as [`ram_ranges`] says
-/// (anonymous memory, populated on first touch).
-pub fn create_guest_ram(memory_bytes: u64) -> Result<GuestMemoryMmap, E820Error> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(memory_bytes)?
-        .into_iter()
-        .map(|(start, size)| (GuestAddress(start), size as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|error| E820Error::Mmap {
-        size: memory_bytes,
-        reason: error.to_string(),
-    })
+/// Guest RAM for `memory_bytes`, laid out as [`ram_ranges`] says, backed,
+/// bound and prefaulted as the inference partitions' RAM is
+/// ([`crate::vstate::memory`]).
+pub fn create_guest_ram(
+    memory_bytes: u64,
+    backing: RamBacking,
+    node: Option<u32>,
+) -> Result<GuestMemoryMmap, GuestRamError> {
+    let ranges = ram_ranges(memory_bytes)?;
+    Ok(memory::create_guest_ram_ranges(&ranges, backing, node)?)
+}
+
+/// Why a Linux guest's RAM could not be made: its size, or the host.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestRamError {
+    #[error(transparent)]
+    Size(#[from] E820Error),
+    #[error(transparent)]
+    Host(#[from] MemoryError),
 }
 
 /// The e820 map: conventional memory, a reserved strip below 640 KiB, the
@@ -242,8 +250,12 @@ mod tests {
 
     #[test]
     fn guest_ram_follows_the_ranges() {
-        let ram = create_guest_ram(32 << 20).unwrap();
+        let ram = create_guest_ram(32 << 20, RamBacking::Anonymous, None).unwrap();
         assert_eq!(ram.num_regions(), 1);
-        assert_eq!(ram.last_addr(), GuestAddress((32 << 20) - 1));
+        assert_eq!(ram.last_addr(), vm_memory::GuestAddress((32 << 20) - 1));
+        assert!(matches!(
+            create_guest_ram(8 << 20, RamBacking::Anonymous, None),
+            Err(GuestRamError::Size(E820Error::TooSmall { .. }))
+        ));
     }
 }

@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use vm_memory::GuestMemoryMmap;
 
+use crate::isolation::ThreadKind;
 use crate::vstate::layout::{write_descriptor_tables, LayoutError};
+use crate::vstate::memory::RamBacking;
 use crate::vstate::vm::{Vm, VmError};
 use acpi::AcpiError;
 use aivmm_devices::virtio::block::BlockStats;
@@ -43,7 +45,7 @@ use aivmm_passthrough::preflight::{PreflightError, ProcessLimits};
 use boot_cpu::{BootCpuError, Entry};
 use boot_params::{BootParamsError, BootParamsInput, CMDLINE_ADDR, ZERO_PAGE_ADDR};
 use disk::{DiskError, DiskSpec, Disks};
-use e820::E820Error;
+use e820::{E820Error, GuestRamError};
 use loader::{LoadedKernel, LoaderError};
 use mptable::MpTableError;
 use passthrough::{Passthrough, PassthroughError};
@@ -112,6 +114,8 @@ pub enum LinuxError {
     #[error(transparent)]
     Memory(#[from] E820Error),
     #[error(transparent)]
+    Ram(#[from] GuestRamError),
+    #[error(transparent)]
     Loader(#[from] LoaderError),
     #[error(transparent)]
     BootParams(#[from] BootParamsError),
@@ -159,6 +163,8 @@ pub enum LinuxError {
     },
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::isolation::SeccompError),
     #[error("cannot start the thread of vCPU {index}: {source}")]
     Thread { index: u32, source: std::io::Error },
 }
@@ -183,6 +189,12 @@ pub struct LinuxConfig {
     pub disks: Vec<DiskSpec>,
     /// What the serial console receives (stdin, say); none: no input.
     pub input: Option<SerialInput>,
+    /// Guest RAM on 2 MiB hugepages or anonymous memory (prefaulted either way).
+    pub backing: RamBacking,
+    /// NUMA node guest RAM is bound to (MPOL_BIND).
+    pub numa_node: Option<u32>,
+    /// Seccomp filters on the vCPU, disk and serial-input threads.
+    pub seccomp: bool,
 }
 
 /// What was put where before the first KVM_RUN.
@@ -261,7 +273,7 @@ pub struct LinuxVm {
     input: Option<SerialInputThread>,
     // Kept alive while the vCPUs run: the VM (memslots) and guest RAM.
     _vm: Arc<Vm>,
-    _memory: GuestMemoryMmap,
+    memory: GuestMemoryMmap,
 }
 
 /// How a run went.
@@ -332,7 +344,7 @@ impl LinuxVm {
         }
         let blocks = disk::open(&config.disks)?;
         config.cmdline = disk::with_disk_args(&config.cmdline, blocks.len());
-        let memory = e820::create_guest_ram(config.memory_bytes)?;
+        let memory = e820::create_guest_ram(config.memory_bytes, config.backing, config.numa_node)?;
         let layout = prepare_memory(&memory, &config)?;
 
         let mut vm = Vm::new()?;
@@ -396,13 +408,18 @@ impl LinuxVm {
         }
         let shared = Arc::new(shared);
         let mut mmio = pci.mmio_bus()?;
-        let disks = Disks::attach(&vm, &memory, blocks, &mut mmio, shared.clone())?;
+        let seccomp = config.seccomp;
+        if seccomp {
+            // The filters compile before any thread needs one.
+            crate::isolation::seccomp::prepare()?;
+        }
+        let disks = Disks::attach(&vm, &memory, blocks, &mut mmio, shared.clone(), seccomp)?;
         // A fresh Shared: nothing has set its bus yet.
         let _ = shared.mmio.set(mmio);
         let input = config
             .input
             .take()
-            .map(|input| SerialInputThread::start(input, shared.clone()))
+            .map(|input| SerialInputThread::start(input, shared.clone(), seccomp))
             .transpose()?;
 
         let supported = vm.supported_cpuid()?;
@@ -441,6 +458,12 @@ impl LinuxVm {
                             return None;
                         }
                     }
+                    if seccomp {
+                        if let Err(end) = LinuxEnd::enter_seccomp(ThreadKind::LinuxVcpu) {
+                            shared_for_thread.finish(end);
+                            return None;
+                        }
+                    }
                     vcpu::run_vcpu(vcpu, index, &shared_for_thread)
                 });
             match spawned {
@@ -464,8 +487,17 @@ impl LinuxVm {
             disks,
             input,
             _vm: vm,
-            _memory: memory,
+            memory,
         })
+    }
+
+    /// Each guest RAM range: (guest address, host address, size).
+    pub fn ram_mappings(&self) -> Vec<(u64, u64, u64)> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.memory
+            .iter()
+            .map(|region| (region.start_addr().0, region.as_ptr() as u64, region.len()))
+            .collect()
     }
 
     /// The serial output kept so far.

@@ -16,6 +16,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vcpu::{LinuxEnd, Shared};
+use crate::isolation::ThreadKind;
 
 /// Ctrl-A, the escape key from a terminal.
 pub const ESCAPE: u8 = 0x01;
@@ -77,7 +78,12 @@ const STOP: u64 = 1;
 const FIFO_RETRY_MS: i32 = 10;
 
 impl SerialInputThread {
-    pub fn start(input: SerialInput, shared: Arc<Shared>) -> Result<Self, SerialInputError> {
+    /// Starts the thread (under its seccomp filter when `seccomp`).
+    pub fn start(
+        input: SerialInput,
+        shared: Arc<Shared>,
+        seccomp: bool,
+    ) -> Result<Self, SerialInputError> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialInputError::Epoll)?;
         let epoll = Epoll::new().map_err(SerialInputError::Epoll)?;
         for (fd, data) in [(input.source.as_raw_fd(), SOURCE), (stop.as_raw_fd(), STOP)] {
@@ -91,7 +97,15 @@ impl SerialInputThread {
         }
         let thread = std::thread::Builder::new()
             .name("linux-serial-in".into())
-            .spawn(move || forward(input, &epoll, &shared))
+            .spawn(move || {
+                if seccomp {
+                    if let Err(end) = LinuxEnd::enter_seccomp(ThreadKind::SerialInput) {
+                        shared.finish(end);
+                        return;
+                    }
+                }
+                forward(input, &epoll, &shared)
+            })
             .map_err(SerialInputError::Thread)?;
         Ok(SerialInputThread {
             stop,
@@ -214,8 +228,11 @@ mod tests {
                 interactive: false,
             },
             shared.clone(),
+            // Under its filter: what it does is allowed.
+            true,
         )
         .unwrap();
+        let refused_before = crate::isolation::seccomp::refused(ThreadKind::SerialInput).0;
         let text: Vec<u8> = (0..200u32).map(|i| b'a' + (i % 26) as u8).collect();
         host.write_all(&text).unwrap();
         drop(host);
@@ -236,6 +253,12 @@ mod tests {
         assert_eq!(received, text);
         assert!(event.read().unwrap() >= 1, "IRQ 4 was raised");
         thread.stop();
+        assert_eq!(shared.end(), None, "the thread installed its filter");
+        assert_eq!(
+            crate::isolation::seccomp::refused(ThreadKind::SerialInput).0,
+            refused_before,
+            "nothing refused"
+        );
     }
 
     #[test]
@@ -250,6 +273,7 @@ mod tests {
                 interactive: true,
             },
             shared.clone(),
+            false,
         )
         .unwrap();
         host.write_all(&[b'a', ESCAPE, QUIT]).unwrap();

@@ -97,6 +97,22 @@ pub enum LinuxEnd {
         cpu: usize,
         error: String,
     },
+    /// A thread of the VM could not install its seccomp filter.
+    Seccomp {
+        thread: String,
+        error: String,
+    },
+}
+
+impl LinuxEnd {
+    /// Installs `kind`'s seccomp filter on the calling thread of the VM, or
+    /// says how the VM ends because it could not.
+    pub fn enter_seccomp(kind: crate::isolation::ThreadKind) -> Result<(), LinuxEnd> {
+        crate::isolation::seccomp::apply(kind).map_err(|error| LinuxEnd::Seccomp {
+            thread: kind.name().into(),
+            error: error.to_string(),
+        })
+    }
 }
 
 impl std::fmt::Display for LinuxEnd {
@@ -146,6 +162,9 @@ impl std::fmt::Display for LinuxEnd {
                     f,
                     "vCPU {vcpu}: cannot pin its thread to host CPU {cpu}: {error}"
                 )
+            }
+            LinuxEnd::Seccomp { thread, error } => {
+                write!(f, "{thread} thread: {error}")
             }
         }
     }

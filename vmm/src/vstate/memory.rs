@@ -122,9 +122,49 @@ pub fn create_guest_ram(
             max: layout::RAM_MAX,
         });
     }
+    create_guest_ram_ranges(&[(0, size)], backing, node)
+}
+
+/// Guest RAM made of several `(guest address, size)` ranges (a Linux
+/// guest's RAM below the 32-bit hole and above 4 GiB), each backed,
+/// bound and prefaulted as [`create_guest_ram`] does; the hugepage pools
+/// are checked once for all of it.
+pub fn create_guest_ram_ranges(
+    ranges: &[(u64, u64)],
+    backing: RamBacking,
+    node: Option<u32>,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    if let Some(&(_, size)) = ranges
+        .iter()
+        .find(|(start, size)| *size == 0 || !(start | size).is_multiple_of(HUGEPAGE_SIZE))
+    {
+        return Err(MemoryError::Unaligned { size });
+    }
     if let Some(node) = node {
         check_node(node)?;
     }
+    let total: u64 = ranges.iter().map(|(_, size)| size).sum();
+    if backing == RamBacking::Hugepages {
+        let needed = total / HUGEPAGE_SIZE;
+        // The node's pool first: its message names the node to reserve on.
+        if let Some(node) = node {
+            check_node_hugepages(node, total, needed)?;
+        }
+        check_hugepages(total, needed)?;
+    }
+    let regions = ranges
+        .iter()
+        .map(|&(start, size)| {
+            let region = map_ram(size, backing, node)?;
+            GuestRegionMmap::new(region, GuestAddress(start))
+                .ok_or_else(|| MemoryError::Regions(format!("RAM region at {start:#x} wraps")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|error| MemoryError::Regions(error.to_string()))
+}
+
+/// One mapping of `size` bytes: backed, bound to `node` and prefaulted.
+fn map_ram(size: u64, backing: RamBacking, node: Option<u32>) -> Result<MmapRegion, MemoryError> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let region = match backing {
         RamBacking::Anonymous => {
@@ -137,12 +177,6 @@ pub fn create_guest_ram(
             })?
         }
         RamBacking::Hugepages => {
-            let needed = size / HUGEPAGE_SIZE;
-            // The node's pool first: its message names the node to reserve on.
-            if let Some(node) = node {
-                check_node_hugepages(node, size, needed)?;
-            }
-            check_hugepages(size, needed)?;
             // No MAP_NORESERVE: the kernel reserves every page now, so a
             // shortage fails here rather than as a SIGBUS in the middle of a run.
             let flags =
@@ -150,7 +184,7 @@ pub fn create_guest_ram(
             MmapRegion::build(None, size as usize, prot, flags).map_err(|error| {
                 MemoryError::HugepageMmap {
                     size_mib: size >> 20,
-                    needed,
+                    needed: size / HUGEPAGE_SIZE,
                     source: mmap_source(error),
                 }
             })?
@@ -165,10 +199,7 @@ pub fn create_guest_ram(
         hugepages: backing == RamBacking::Hugepages,
         source,
     })?;
-    let region = GuestRegionMmap::new(region, GuestAddress(0))
-        .ok_or_else(|| MemoryError::Regions("RAM region wraps".into()))?;
-    GuestMemoryMmap::from_regions(vec![region])
-        .map_err(|error| MemoryError::Regions(error.to_string()))
+    Ok(region)
 }
 
 fn mmap_source(error: vm_memory::mmap::MmapRegionError) -> std::io::Error {
@@ -396,7 +427,7 @@ impl ModelWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend};
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
     #[test]
     fn ram_sizes_are_checked() {
@@ -447,6 +478,56 @@ mod tests {
             .find(|line| line.starts_with(&format!("{start:x} ")))
             .expect("the RAM mapping is in numa_maps");
         assert!(line.contains("bind:0"), "{line}");
+    }
+
+    /// Several ranges (a Linux guest's RAM around the 32-bit hole): each its
+    /// own mapping at its guest address, bound and populated.
+    #[test]
+    fn ram_ranges_are_each_bound_and_prefaulted() {
+        let ram = create_guest_ram_ranges(
+            &[(0, 4 << 20), (1 << 32, 2 << 20)],
+            RamBacking::Anonymous,
+            Some(0),
+        )
+        .unwrap();
+        assert_eq!(ram.num_regions(), 2);
+        ram.write_obj(7u64, GuestAddress(1 << 32)).unwrap();
+        assert!(
+            ram.read_obj::<u64>(GuestAddress(4 << 20)).is_err(),
+            "a hole"
+        );
+        let numa_maps = std::fs::read_to_string("/proc/self/numa_maps").unwrap();
+        for region in ram.iter() {
+            let start = region.as_ptr() as u64;
+            // Adjacent mappings with the same policy show as one area: the
+            // one that starts last at or below this range holds it.
+            let line = numa_maps
+                .lines()
+                .filter_map(|line| {
+                    let area = u64::from_str_radix(line.split(' ').next()?, 16).ok()?;
+                    (area <= start).then_some((area, line))
+                })
+                .max_by_key(|(area, _)| *area)
+                .expect("each range is in numa_maps")
+                .1;
+            let anon: u64 = line
+                .split(' ')
+                .find_map(|field| field.strip_prefix("anon="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            assert!(
+                line.contains("bind:0") && anon >= region.len() / 4096,
+                "{line}"
+            );
+        }
+        assert!(matches!(
+            create_guest_ram_ranges(
+                &[(0, 4 << 20), (1 << 32, 1 << 20)],
+                RamBacking::Anonymous,
+                None
+            ),
+            Err(MemoryError::Unaligned { .. })
+        ));
     }
 
     #[test]
