@@ -338,27 +338,7 @@ pub fn console_tail(id: &str, path: &Path, bytes: u64) -> Result<ConsoleTail, Ap
 mod tests {
     use super::*;
 
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Scratch {
-            let dir =
-                std::env::temp_dir().join(format!("aivmm-linux-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Scratch(dir)
-        }
-
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::daemon::Scratch;
 
     fn spec(kernel: &Path) -> LinuxSpec {
         LinuxSpec {

@@ -25,7 +25,7 @@ use super::metrics::{self, MetricsRow};
 use super::models::{self, ModelRegistry};
 use super::state::{self, SavedPartition, SavedState, StateError};
 use super::worker::{self, Plan, Shared, Worker, WorkerMessage};
-use crate::host::{HugepageSize, PlacementError, PlacementRequest, Placer};
+use crate::host::{HugepageSize, Placement, PlacementError, PlacementRequest, Placer};
 
 /// Completions a partition holds (running and waiting) before it answers
 /// `queue_full`.
@@ -417,9 +417,6 @@ impl Manager {
                 ));
             };
             let model = self.models.resolve(model, "model")?;
-            if let Err(error) = self.placer.refresh_hugepages() {
-                eprintln!("aivmm serve: cannot read the hugepage pools again ({error}); placing with the counts read before");
-            }
             let mut plan = worker::plan(
                 model,
                 vcpus,
@@ -427,21 +424,7 @@ impl Manager {
                 spec.hugepages,
                 spec.context_length,
             )?;
-            let request = PlacementRequest {
-                vcpus: if spec.cores.is_some() {
-                    spec.vcpus
-                } else {
-                    Some(vcpus)
-                },
-                cores: spec.cores.clone(),
-                memory_bytes: plan.memory_bytes,
-                hugepages: spec.hugepages.then_some(HugepageSize::TwoMiB),
-                numa_node: spec.numa_node,
-            };
-            let placement = self
-                .placer
-                .place(&spec.id, &request)
-                .map_err(|error| placement_error(&spec.id, error))?;
+            let placement = self.place(&spec, vcpus, plan.memory_bytes, spec.numa_node)?;
             plan.host_cpus = placement.host_cpus;
             plan.numa_node = Some(placement.node);
             Ok(Plan::Inference(plan))
@@ -462,6 +445,36 @@ impl Manager {
                 self.forget(&id);
             }
         }
+    }
+
+    /// Places `spec`'s cores (`vcpus` of them unless it names its cores) and
+    /// `memory_bytes` of RAM, on `numa_node` if given.
+    fn place(
+        &mut self,
+        spec: &PartitionSpec,
+        vcpus: u32,
+        memory_bytes: u64,
+        numa_node: Option<u32>,
+    ) -> Result<Placement, ApiError> {
+        if spec.hugepages {
+            if let Err(error) = self.placer.refresh_hugepages() {
+                eprintln!("aivmm serve: cannot read the hugepage pools again ({error}); placing with the counts read before");
+            }
+        }
+        let request = PlacementRequest {
+            vcpus: if spec.cores.is_some() {
+                spec.vcpus
+            } else {
+                Some(vcpus)
+            },
+            cores: spec.cores.clone(),
+            memory_bytes,
+            hugepages: spec.hugepages.then_some(HugepageSize::TwoMiB),
+            numa_node,
+        };
+        self.placer
+            .place(&spec.id, &request)
+            .map_err(|error| placement_error(&spec.id, error))
     }
 
     /// Checks, places and claims the devices of a Linux partition, all or
@@ -487,32 +500,13 @@ impl Manager {
         // Before placement, so that a held device is named even when the
         // cores are taken too.
         self.devices.check_free(&spec.id, &plan.devices)?;
-        if spec.hugepages {
-            if let Err(error) = self.placer.refresh_hugepages() {
-                eprintln!("aivmm serve: cannot read the hugepage pools again ({error}); placing with the counts read before");
-            }
-        }
         let numa_node = spec.numa_node.or_else(|| {
             plan.devices
                 .iter()
                 .find_map(|bdf| self.devices.node_of(bdf))
                 .filter(|node| self.placer.topology().node(*node).is_some())
         });
-        let request = PlacementRequest {
-            vcpus: if spec.cores.is_some() {
-                spec.vcpus
-            } else {
-                Some(vcpus)
-            },
-            cores: spec.cores.clone(),
-            memory_bytes: plan.memory_bytes,
-            hugepages: spec.hugepages.then_some(HugepageSize::TwoMiB),
-            numa_node,
-        };
-        let placement = self
-            .placer
-            .place(&spec.id, &request)
-            .map_err(|error| placement_error(&spec.id, error))?;
+        let placement = self.place(spec, vcpus, plan.memory_bytes, numa_node)?;
         if let Err(error) = self.devices.claim(
             &spec.id,
             &plan.devices,
@@ -973,24 +967,8 @@ mod tests {
     use super::*;
     use crate::host::Topology;
 
-    /// These tests create partitions without starting them: no KVM needed.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Scratch {
-            let dir =
-                std::env::temp_dir().join(format!("aivmm-manager-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Scratch(dir)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    // These tests create partitions without starting them: no KVM needed.
+    use crate::daemon::Scratch;
 
     fn placer(fixture: &str) -> Placer {
         Placer::new(Topology::discover(&crate::host::fixture(fixture)).unwrap())

@@ -479,14 +479,17 @@ impl Worker {
                 status.running_since = Some(Instant::now());
                 Ok(())
             }
-            Err(why) => {
-                let message = format!("partition {} did not boot: {why}", self.shared.id);
-                let mut status = self.shared.status();
-                status.state = PartitionState::Failed;
-                status.error = Some(message.clone());
-                Err(ApiError::new(ErrorCode::PartitionFailed, message))
-            }
+            Err(why) => Err(self.boot_failed(&why)),
         }
+    }
+
+    /// Marks the partition failed because it did not boot, and says so.
+    fn boot_failed(&self, why: &dyn std::fmt::Display) -> ApiError {
+        let message = format!("partition {} did not boot: {why}", self.shared.id);
+        let mut status = self.shared.status();
+        status.state = PartitionState::Failed;
+        status.error = Some(message.clone());
+        ApiError::new(ErrorCode::PartitionFailed, message)
     }
 
     fn start_linux(&mut self, plan: &LinuxPlan) -> Result<(), ApiError> {
@@ -507,13 +510,7 @@ impl Worker {
                 self.linux = Some(run);
                 Ok(())
             }
-            Err(why) => {
-                let message = format!("partition {} did not boot: {why}", self.shared.id);
-                let mut status = self.shared.status();
-                status.state = PartitionState::Failed;
-                status.error = Some(message.clone());
-                Err(ApiError::new(ErrorCode::PartitionFailed, message))
-            }
+            Err(why) => Err(self.boot_failed(&why)),
         }
     }
 
