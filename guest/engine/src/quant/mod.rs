@@ -365,18 +365,24 @@ const MATVEC_PREFETCH_TILES: usize = 2;
 /// and never across a 4 KiB page.
 #[inline(always)]
 fn prefetch_blocks<const R: usize>(x: [*const u8; R], block_bytes: usize, ahead: usize) {
-    use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     if ahead == 0 {
         return;
     }
     for p in x {
-        let mut line = 0;
-        while line < block_bytes {
-            // SAFETY: a prefetch is a hint: it never faults and reads nothing into
-            // the program, whatever the address (hence `wrapping_add`).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line).cast()) };
-            line += 64;
-        }
+        prefetch_lines(p.wrapping_add(ahead), block_bytes);
+    }
+}
+
+/// Prefetches the cache lines of the `len` bytes at `p` (any address: a
+/// prefetch never faults and reads nothing into the program).
+#[inline(always)]
+fn prefetch_lines(p: *const u8, len: usize) {
+    use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let mut line = 0;
+    while line < len {
+        // SAFETY: see above; `wrapping_add` because the address may be past any allocation.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast()) };
+        line += 64;
     }
 }
 
@@ -597,6 +603,9 @@ impl MatmulShape {
     }
 
     fn run_matvec<K: TileKernels>(&self, rows: &[u8], act: &[u8], out: &mut [f32]) {
+        // The first tiles, which no earlier tile prefetched.
+        let first = MATVEC_PREFETCH_TILES * K::matvec_rows(self.ty) * self.row_bytes;
+        prefetch_lines(rows.as_ptr(), first.min(rows.len()));
         let mut r = 0;
         if K::matvec_rows(self.ty) == 8 {
             r = self.matvec_tiles::<K, 8>(r, rows, act, out);
