@@ -404,6 +404,10 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
     // Q4_K: the scaled and the min sums of the whole rows (see `scalar::dot`).
     let mut scaled = [[0.0f32; C]; R];
     let mut mins_acc = [[0.0f32; C]; R];
+    // The same for the four rows of a Q4_K matvec tile at once, one per lane:
+    // the same roundings, without a horizontal sum per row and block.
+    let rows4 = R == 4 && C == 1 && !pairs && !FIVE_BITS;
+    let (mut scaled4, mut mins4) = (_mm_setzero_ps(), _mm_setzero_ps());
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
         for b in 0..nb {
@@ -462,6 +466,20 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
                     }
                 }
             }
+            if rows4 {
+                let sumi = hsum4_i32(array_of!(low4; 4, |r| sums[r][0]));
+                // Lane r: the mins of row r times the activation sums.
+                let summ = hsum4_i32_128(array_of!(_mm_setzero_si128(); 4, |r| {
+                    _mm_madd_epi16(_mm256_extracti128_si256::<1>(scales_mins[r]), asums[0])
+                }));
+                let ad = _mm_set1_ps(ad[0]);
+                let dw = _mm_mul_ps(_mm_setr_ps(dw[0], dw[1], dw[2], dw[3]), ad);
+                let dmin = array_of!(0.0; 4, |r| f16_at(x[r].add(2)));
+                let dmin = _mm_mul_ps(_mm_setr_ps(dmin[0], dmin[1], dmin[2], dmin[3]), ad);
+                scaled4 = _mm_fmadd_ps(_mm_cvtepi32_ps(sumi), dw, scaled4);
+                mins4 = _mm_fmadd_ps(_mm_cvtepi32_ps(summ), dmin, mins4);
+                continue;
+            }
             for r in 0..R {
                 let (dw, dmin) = (dw[r], f16_at(x[r].add(2)));
                 let mins = _mm256_extracti128_si256::<1>(scales_mins[r]);
@@ -496,6 +514,11 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
                 }
             }
         }
+    }
+    if rows4 {
+        // SAFETY: an __m128 is four f32 lanes; any bits are a valid f32.
+        let lanes: [f32; 4] = unsafe { core::mem::transmute(_mm_sub_ps(scaled4, mins4)) };
+        return array_of!([0.0; C]; R, |r| [lanes[r]; C]);
     }
     if !FIVE_BITS {
         return array_of!([0.0; C]; R, |r| array_of!(0.0; C, |c| scaled[r][c] - mins_acc[r][c]));
@@ -791,6 +814,21 @@ fn hsum_i32(v: __m256i) -> i32 {
     let x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
     let x = _mm_add_epi32(x, _mm_unpackhi_epi64(x, x));
     _mm_cvtsi128_si32(_mm_add_epi32(x, _mm_shuffle_epi32::<0b10_11_00_01>(x)))
+}
+
+/// The sums of the i32 lanes of each of four vectors, in lanes 0..4.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
+    let x = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256::<1>(x))
+}
+
+/// [`hsum4_i32`] of 128-bit vectors.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum4_i32_128(v: [__m128i; 4]) -> __m128i {
+    _mm_hadd_epi32(_mm_hadd_epi32(v[0], v[1]), _mm_hadd_epi32(v[2], v[3]))
 }
 
 /// Same result as `scalar::quantize_q8_k_block`, bit for bit.
