@@ -20,7 +20,7 @@ use aivmm_engine::host_pool::ThreadPool;
 use aivmm_engine::model::weights::Matrix;
 use aivmm_engine::model::{Model, Session, SessionLimits};
 use aivmm_engine::parallel::Parallel;
-use aivmm_engine::quant::Kernels;
+use aivmm_engine::quant::{Kernels, SimdLevel};
 
 fn main() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
@@ -129,13 +129,15 @@ fn main() -> Result<(), String> {
                 kernels.matvec(m0.ty, m0.cols, hot, &act[..act_row], &mut out[..hot_rows]);
             }
         }) / 10.0;
-        if m0.ty == aivmm_engine::quant::GgmlType::Q8_0 {
+        // The yardstick uses VNNI: only where the CPU has it.
+        if m0.ty == aivmm_engine::quant::GgmlType::Q8_0 && kernels.level() >= SimdLevel::Avx512Vnni
+        {
             let nb = m0.cols / 32;
             let rb = m0.row_bytes();
             let simple = best_of(hot_reps, || {
                 for _ in 0..10 {
                     for r in 0..hot_rows {
-                        // SAFETY: the CPU has these features (level Avx512Vnni checked below).
+                        // SAFETY: the CPU has these features (level Avx512Vnni checked above).
                         out[r] = unsafe {
                             simple_q8_0_row(&hot[r * rb..(r + 1) * rb], &act[..act_row], nb)
                         };

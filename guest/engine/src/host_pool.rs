@@ -3,9 +3,15 @@
 //! Workers spin briefly between jobs (a forward pass hands out hundreds of jobs
 //! per token, too many for a sleep/wake per job), then sleep on a condition
 //! variable when idle.
+//!
+//! A worker joins a job only while it is open: once the calling thread has
+//! finished its own part (and so, with dynamically shared work, the whole
+//! job), it closes the job and waits only for the workers that joined. On a
+//! machine busier than its cores, a worker that is not running when a job
+//! starts then costs nothing, instead of a scheduler time slice per job.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::vec::Vec;
@@ -17,11 +23,20 @@ const SPINS_BEFORE_SLEEP: u32 = 1 << 16;
 
 type Job = dyn Fn(usize) + Sync;
 
+/// [`Shared::state`]: the job's sequence number in the high 32 bits, then
+/// whether it is closed, then how many workers joined it.
+const SEQ_SHIFT: u32 = 32;
+const CLOSED: u64 = 1 << 31;
+const JOINED: u64 = CLOSED - 1;
+
 struct Shared {
-    /// The current job; written only by the thread in `run` while no worker reads it.
+    /// The current job; written only by the thread in `run` while no worker
+    /// can join or run a job.
     job: UnsafeCell<Option<*const Job>>,
-    epoch: AtomicUsize,
-    pending: AtomicUsize,
+    /// Which job is current, whether it is still open, who joined (see above).
+    state: AtomicU64,
+    /// Joined workers that finished the current job.
+    done: AtomicUsize,
     sleepers: AtomicUsize,
     panicked: AtomicBool,
     shutdown: AtomicBool,
@@ -29,9 +44,10 @@ struct Shared {
     wake: Condvar,
 }
 
-// SAFETY: `job` is written by `run` only before publishing a new epoch (Release)
-// and after all workers reported completion (Acquire); workers read it only in
-// between. Everything else is atomics or std sync types.
+// SAFETY: `job` is written by `run` only before it publishes a new open state
+// (Release) and after it closed that job and every worker that joined it has
+// finished (Acquire); workers read it only after joining an open job. The rest
+// is atomics or std sync types.
 unsafe impl Sync for Shared {}
 // SAFETY: as above; the raw pointer is only dereferenced under that protocol.
 unsafe impl Send for Shared {}
@@ -57,8 +73,9 @@ impl ThreadPool {
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             job: UnsafeCell::new(None),
-            epoch: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
+            // Job 0 is closed: there is none yet.
+            state: AtomicU64::new(CLOSED),
+            done: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
@@ -87,18 +104,41 @@ impl ThreadPool {
     }
 }
 
+fn seq_of(state: u64) -> u64 {
+    state >> SEQ_SHIFT
+}
+
+/// Joins the current job if it is open, starting from its observed `state`;
+/// returns the sequence number of the job joined, or Err with the latest one.
+fn try_join(shared: &Shared, mut state: u64) -> Result<u64, u64> {
+    loop {
+        if state & CLOSED != 0 {
+            return Err(seq_of(state));
+        }
+        match shared.state.compare_exchange_weak(
+            state,
+            state + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return Ok(seq_of(state)),
+            // Another worker joined, or `run` closed the job (or published the next).
+            Err(now) => state = now,
+        }
+    }
+}
+
 fn worker_loop(shared: &Shared, index: usize) {
     let mut seen = 0;
     loop {
         let mut spins = 0u32;
-        loop {
+        let state = loop {
             if shared.shutdown.load(Ordering::Acquire) {
                 return;
             }
-            let epoch = shared.epoch.load(Ordering::Acquire);
-            if epoch != seen {
-                seen = epoch;
-                break;
+            let state = shared.state.load(Ordering::Acquire);
+            if seq_of(state) != seen {
+                break state;
             }
             if spins < SPINS_BEFORE_SLEEP {
                 spins += 1;
@@ -107,23 +147,32 @@ fn worker_loop(shared: &Shared, index: usize) {
             }
             let mut guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
             shared.sleepers.fetch_add(1, Ordering::SeqCst);
-            while shared.epoch.load(Ordering::SeqCst) == seen
+            while seq_of(shared.state.load(Ordering::SeqCst)) == seen
                 && !shared.shutdown.load(Ordering::SeqCst)
             {
                 guard = shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
             }
             shared.sleepers.fetch_sub(1, Ordering::SeqCst);
             spins = 0;
+        };
+        match try_join(shared, state) {
+            Ok(seq) => seen = seq,
+            // Closed: wait for the next job.
+            Err(seq) => {
+                seen = seq;
+                continue;
+            }
         }
-        // SAFETY: the epoch was published after `job` was set, and `run` does not
-        // return (so the job stays alive and unchanged) until `pending` reaches 0.
+        // SAFETY: this worker joined an open job, published after `job` was set;
+        // `run` does not return (so the job stays alive and unchanged) until
+        // every worker that joined has incremented `done`.
         let job = unsafe { (*shared.job.get()).map(|j| &*j) };
         if let Some(job) = job {
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(index))).is_err() {
                 shared.panicked.store(true, Ordering::Release);
             }
         }
-        shared.pending.fetch_sub(1, Ordering::AcqRel);
+        shared.done.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -138,23 +187,26 @@ impl Parallel for ThreadPool {
         }
         let _serial = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
         let shared = &*self.shared;
-        // SAFETY: no worker reads `job` now (the previous run waited for all of
-        // them); the lifetime is erased but the pointer is cleared again before
-        // this function returns, after every worker is done with it.
+        // SAFETY: no worker reads `job` now: the previous job is closed and every
+        // worker that joined it is done. The lifetime is erased but the pointer
+        // is cleared again before this function returns, after every worker that
+        // joined is done with it.
         unsafe {
             let erased: *const Job =
                 core::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(job);
             *shared.job.get() = Some(erased);
         }
-        shared.pending.store(self.workers.len(), Ordering::Release);
-        shared.epoch.fetch_add(1, Ordering::SeqCst);
+        shared.done.store(0, Ordering::Relaxed);
+        let seq = seq_of(shared.state.load(Ordering::Relaxed)).wrapping_add(1) & 0xffff_ffff;
+        shared.state.store(seq << SEQ_SHIFT, Ordering::SeqCst);
         if shared.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
             shared.wake.notify_all();
         }
         let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(0)));
+        let joined = (shared.state.fetch_or(CLOSED, Ordering::AcqRel) & JOINED) as usize;
         let mut spins = 0u32;
-        while shared.pending.load(Ordering::Acquire) != 0 {
+        while shared.done.load(Ordering::Acquire) != joined {
             spins = spins.wrapping_add(1);
             if spins % 1024 == 0 {
                 std::thread::yield_now();
@@ -162,7 +214,7 @@ impl Parallel for ThreadPool {
                 std::hint::spin_loop();
             }
         }
-        // SAFETY: every worker has finished with the job.
+        // SAFETY: the job is closed and every worker that joined it is done.
         unsafe { *shared.job.get() = None };
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
@@ -189,9 +241,10 @@ impl Drop for ThreadPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parallel::ChunkCounter;
 
     #[test]
-    fn every_worker_runs_each_job_once() {
+    fn the_caller_runs_each_job_and_helpers_at_most_once() {
         let pool = ThreadPool::new(3).unwrap();
         for _ in 0..1000 {
             let hits = [
@@ -199,17 +252,48 @@ mod tests {
                 AtomicUsize::new(0),
                 AtomicUsize::new(0),
             ];
+            let items: [AtomicUsize; 64] = core::array::from_fn(|_| AtomicUsize::new(0));
+            let counter = ChunkCounter::new(items.len(), 3);
             pool.run(&|i| {
                 hits[i].fetch_add(1, Ordering::Relaxed);
+                while let Some(chunk) = counter.next() {
+                    for item in &items[chunk] {
+                        item.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             });
-            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            assert_eq!(hits[0].load(Ordering::Relaxed), 1);
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) <= 1));
+            assert!(items.iter().all(|item| item.load(Ordering::Relaxed) == 1));
         }
-        // After sleeping, workers wake for new jobs.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let total = AtomicUsize::new(0);
+    }
+
+    /// Runs a job whose caller part waits until every worker joined it: the job
+    /// stays open until then, so each worker must get to it (also after sleeping).
+    fn all_workers_join(pool: &ThreadPool) {
+        let hits = [
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        ];
         pool.run(&|i| {
-            total.fetch_add(i + 1, Ordering::Relaxed);
+            hits[i].fetch_add(1, Ordering::SeqCst);
+            if i == 0 {
+                while hits.iter().any(|h| h.load(Ordering::SeqCst) == 0) {
+                    std::thread::yield_now();
+                }
+            }
         });
-        assert_eq!(total.load(Ordering::Relaxed), 6);
+        assert!(hits.iter().all(|h| h.load(Ordering::SeqCst) == 1));
+    }
+
+    #[test]
+    fn workers_join_open_jobs_also_after_sleeping() {
+        let pool = ThreadPool::new(3).unwrap();
+        for _ in 0..100 {
+            all_workers_join(&pool);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        all_workers_join(&pool);
     }
 }

@@ -1,19 +1,24 @@
 //! How the engine splits work across cores.
 //!
 //! The engine never creates threads: it hands a job to a [`Parallel`]
-//! implementation, which runs it on every worker and returns when all are done.
+//! implementation, which runs it on its workers and returns when all are done.
 //! The host implements it with std threads ([`crate::host_pool`]), the
 //! inference kernel with its vCPUs over shared memory.
 
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-/// Runs one job on N workers and waits for all of them.
+/// Runs one job on up to N workers and waits for the ones that ran it.
+///
+/// Jobs share their work dynamically (a [`ChunkCounter`]): worker 0 alone
+/// completes a job, any other worker only helps.
 pub trait Parallel: Sync {
     /// Number of workers (>= 1); the caller's own thread counts as worker 0.
     fn n_workers(&self) -> usize;
-    /// Calls `job(worker_index)` once on every worker `0..n_workers()` and returns
-    /// when every call has returned.
+    /// Calls `job(0)` on the calling thread and `job(i)` at most once on each
+    /// other worker `i` in `1..n_workers()`, and returns when every call has
+    /// returned. A worker that only gets to the job after worker 0 finished it
+    /// may skip it (a worker descheduled by a busy machine then delays nothing).
     fn run(&self, job: &(dyn Fn(usize) + Sync));
 }
 

@@ -152,6 +152,8 @@ impl SessionLimits {
 
 /// Rows of a matmul handed out per chunk, scaled so every worker gets several.
 const MAX_CHUNK_ROWS: usize = 128;
+/// The same for a matvec (one activation row).
+const MAX_MATVEC_CHUNK_ROWS: usize = 1024;
 
 /// The mutable state of one conversation: KV cache, activations and scratch.
 pub struct Session {
@@ -649,7 +651,14 @@ fn matmul(
 ) {
     let rows = w.rows;
     let row_bytes = w.row_bytes();
-    let chunk = (rows / (par.n_workers() * 8)).clamp(16, MAX_CHUNK_ROWS);
+    // A matvec needs no scratch: its chunks may be longer, which saves
+    // hand-outs and restarts of its prefetching.
+    let max_chunk = if b == 1 {
+        MAX_MATVEC_CHUNK_ROWS
+    } else {
+        MAX_CHUNK_ROWS
+    };
+    let chunk = (rows / (par.n_workers() * 8)).clamp(16, max_chunk);
     let counter = ChunkCounter::new(rows, chunk);
     let out = DisjointSlice::new(&mut out[..b * rows]);
     let scratch = DisjointSlice::new(chunk_out);

@@ -15,7 +15,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{scalar, GgmlType, KPath, TileKernels};
+use super::{prefetch_blocks, scalar, GgmlType, KPath, TileKernels};
 
 pub(super) struct Tiles;
 
@@ -26,9 +26,10 @@ impl TileKernels for Tiles {
         w: [&[u8]; R],
         a: [&[u8]; C],
         kpath: KPath,
+        ahead: usize,
     ) -> [[f32; C]; R] {
         // SAFETY: `Tiles` is only used by `Kernels` of a level that implies AVX2, FMA and F16C.
-        unsafe { tile(ty, n, w, a, kpath) }
+        unsafe { tile(ty, n, w, a, kpath, ahead) }
     }
 }
 
@@ -43,6 +44,7 @@ pub(super) unsafe fn tile<const R: usize, const C: usize>(
     w: [&[u8]; R],
     a: [&[u8]; C],
     kpath: KPath,
+    ahead: usize,
 ) -> [[f32; C]; R] {
     let nb = n / ty.block_len();
     let row_bytes = nb * ty.block_bytes();
@@ -54,18 +56,18 @@ pub(super) unsafe fn tile<const R: usize, const C: usize>(
     // features are this function's own contract.
     unsafe {
         match ty {
-            GgmlType::Q8_0 => q8_0(nb, wp, ap),
-            GgmlType::Q4_0 => q4_0(nb, wp, ap),
-            GgmlType::Q5_0 => q5_0(nb, wp, ap),
-            GgmlType::Q4_1 => q4_1(nb, wp, ap),
-            GgmlType::Q5_1 => q5_1(nb, wp, ap),
-            GgmlType::Q4_K => q4_k(nb, wp, ap, kpath == KPath::Gemm4),
-            GgmlType::Q5_K => q5_k(nb, wp, ap),
-            GgmlType::Q6_K => q6_k(nb, wp, ap, kpath == KPath::Tiled),
+            GgmlType::Q8_0 => q8_0(nb, wp, ap, ahead),
+            GgmlType::Q4_0 => q4_0(nb, wp, ap, ahead),
+            GgmlType::Q5_0 => q5_0(nb, wp, ap, ahead),
+            GgmlType::Q4_1 => q4_1(nb, wp, ap, ahead),
+            GgmlType::Q5_1 => q5_1(nb, wp, ap, ahead),
+            GgmlType::Q4_K => q4_k(nb, wp, ap, kpath == KPath::Gemm4, ahead),
+            GgmlType::Q5_K => q5_k(nb, wp, ap, ahead),
+            GgmlType::Q6_K => q6_k(nb, wp, ap, kpath == KPath::Tiled, ahead),
             GgmlType::F32 => floats::<R, C, F32>(nb, wp, ap),
             GgmlType::F16 => floats::<R, C, F16>(nb, wp, ap),
             GgmlType::BF16 => floats::<R, C, BF16>(nb, wp, ap),
-            GgmlType::Q8_1 | GgmlType::Q8_K => scalar::Tiles::tile(ty, n, w, a, kpath),
+            GgmlType::Q8_1 | GgmlType::Q8_K => scalar::Tiles::tile(ty, n, w, a, kpath, ahead),
         }
     }
 }
@@ -160,6 +162,7 @@ unsafe fn q8_0<const R: usize, const C: usize>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     // SAFETY: block b of every row is within the nb blocks of the contract.
@@ -167,6 +170,7 @@ unsafe fn q8_0<const R: usize, const C: usize>(
         for b in 0..nb {
             let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 34 + 2)));
             let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 34)));
+            prefetch_blocks(array_of!(w[0]; R, |r| w[r].add(b * 34)), 34, ahead);
             for r in 0..R {
                 let x = w[r].add(b * 34);
                 let wq = load256(x.add(2));
@@ -192,6 +196,7 @@ unsafe fn q4_0<const R: usize, const C: usize>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     // SAFETY: block b of every row is within the nb blocks of the contract.
@@ -200,6 +205,7 @@ unsafe fn q4_0<const R: usize, const C: usize>(
             let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 34 + 2)));
             let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 34)));
             let offset = array_of!(_mm256_setzero_si256(); C, |c| _mm256_maddubs_epi16(_mm256_set1_epi8(8), aq[c]));
+            prefetch_blocks(array_of!(w[0]; R, |r| w[r].add(b * 18)), 18, ahead);
             for r in 0..R {
                 let x = w[r].add(b * 18);
                 let wq = nibbles_32(x.add(2));
@@ -221,6 +227,7 @@ unsafe fn q5_0<const R: usize, const C: usize>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     // SAFETY: block b of every row is within the nb blocks of the contract.
@@ -229,6 +236,7 @@ unsafe fn q5_0<const R: usize, const C: usize>(
             let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 34 + 2)));
             let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 34)));
             let offset = array_of!(_mm256_setzero_si256(); C, |c| _mm256_maddubs_epi16(_mm256_set1_epi8(16), aq[c]));
+            prefetch_blocks(array_of!(w[0]; R, |r| w[r].add(b * 22)), 22, ahead);
             for r in 0..R {
                 let x = w[r].add(b * 22);
                 let wq = _mm256_or_si256(nibbles_32(x.add(6)), bits_to_0x10(x.add(2)));
@@ -250,9 +258,10 @@ unsafe fn q4_1<const R: usize, const C: usize>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     // SAFETY: forwarded contract; Q4_1 blocks are 20 bytes with qs at 4.
-    unsafe { offset_blocks::<R, C, false>(nb, w, a) }
+    unsafe { offset_blocks::<R, C, false>(nb, w, a, ahead) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -260,9 +269,10 @@ unsafe fn q5_1<const R: usize, const C: usize>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     // SAFETY: forwarded contract; Q5_1 blocks are 24 bytes with qh at 4, qs at 8.
-    unsafe { offset_blocks::<R, C, true>(nb, w, a) }
+    unsafe { offset_blocks::<R, C, true>(nb, w, a, ahead) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -270,6 +280,7 @@ unsafe fn offset_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     let block = if FIVE_BITS { 24 } else { 20 };
     let mut acc = [[_mm256_setzero_ps(); C]; R];
@@ -280,6 +291,7 @@ unsafe fn offset_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
             let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 36 + 4)));
             let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 36)));
             let asum = array_of!(0.0; C, |c| f16_at(a[c].add(b * 36 + 2)));
+            prefetch_blocks(array_of!(w[0]; R, |r| w[r].add(b * block)), block, ahead);
             for r in 0..R {
                 let x = w[r].add(b * block);
                 let wq = if FIVE_BITS {
@@ -357,9 +369,10 @@ unsafe fn q4_k<const R: usize, const C: usize>(
     w: [*const u8; R],
     a: [*const u8; C],
     pairs: bool,
+    ahead: usize,
 ) -> [[f32; C]; R] {
     // SAFETY: forwarded contract.
-    unsafe { k4_blocks::<R, C, false>(nb, w, a, pairs) }
+    unsafe { k4_blocks::<R, C, false>(nb, w, a, pairs, ahead) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -367,9 +380,10 @@ unsafe fn q5_k<const R: usize, const C: usize>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     // SAFETY: forwarded contract.
-    unsafe { k4_blocks::<R, C, true>(nb, w, a, false) }
+    unsafe { k4_blocks::<R, C, true>(nb, w, a, false, ahead) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -380,6 +394,7 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
     w: [*const u8; R],
     a: [*const u8; C],
     pairs: bool,
+    ahead: usize,
 ) -> [[f32; C]; R] {
     let pairs = pairs && !FIVE_BITS;
     let (block, qs_at) = if FIVE_BITS { (176, 48) } else { (144, 16) };
@@ -389,6 +404,10 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
     // Q4_K: the scaled and the min sums of the whole rows (see `scalar::dot`).
     let mut scaled = [[0.0f32; C]; R];
     let mut mins_acc = [[0.0f32; C]; R];
+    // The same for the four rows of a Q4_K matvec tile at once, one per lane:
+    // the same roundings, without a horizontal sum per row and block.
+    let rows4 = R == 4 && C == 1 && !pairs && !FIVE_BITS;
+    let (mut scaled4, mut mins4) = (_mm_setzero_ps(), _mm_setzero_ps());
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
         for b in 0..nb {
@@ -396,6 +415,7 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
             let ad = array_of!(0.0; C, |c| f32_at(y[c]));
             let asums = array_of!(_mm_setzero_si128(); C, |c| q8_k_sub_sums(y[c]));
             let x = array_of!(w[0]; R, |r| w[r].add(b * block));
+            prefetch_blocks(x, block, ahead);
             let scales_mins = array_of!(low4; R, |r| k4_scales_mins(x[r].add(4)));
             let scales = array_of!(low4; R, |r| _mm256_permute2x128_si256::<0x00>(scales_mins[r], scales_mins[r]));
             // Q5_K high bits: bit s of each qh byte is moved to bit 4, for s < 4 by
@@ -446,6 +466,20 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
                     }
                 }
             }
+            if rows4 {
+                let sumi = hsum4_i32(array_of!(low4; 4, |r| sums[r][0]));
+                // Lane r: the mins of row r times the activation sums.
+                let summ = hsum4_i32_128(array_of!(_mm_setzero_si128(); 4, |r| {
+                    _mm_madd_epi16(_mm256_extracti128_si256::<1>(scales_mins[r]), asums[0])
+                }));
+                let ad = _mm_set1_ps(ad[0]);
+                let dw = _mm_mul_ps(_mm_setr_ps(dw[0], dw[1], dw[2], dw[3]), ad);
+                let dmin = array_of!(0.0; 4, |r| f16_at(x[r].add(2)));
+                let dmin = _mm_mul_ps(_mm_setr_ps(dmin[0], dmin[1], dmin[2], dmin[3]), ad);
+                scaled4 = _mm_fmadd_ps(_mm_cvtepi32_ps(sumi), dw, scaled4);
+                mins4 = _mm_fmadd_ps(_mm_cvtepi32_ps(summ), dmin, mins4);
+                continue;
+            }
             for r in 0..R {
                 let (dw, dmin) = (dw[r], f16_at(x[r].add(2)));
                 let mins = _mm256_extracti128_si256::<1>(scales_mins[r]);
@@ -481,6 +515,11 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
             }
         }
     }
+    if rows4 {
+        // SAFETY: an __m128 is four f32 lanes; any bits are a valid f32.
+        let lanes: [f32; 4] = unsafe { core::mem::transmute(_mm_sub_ps(scaled4, mins4)) };
+        return array_of!([0.0; C]; R, |r| [lanes[r]; C]);
+    }
     if !FIVE_BITS {
         return array_of!([0.0; C]; R, |r| array_of!(0.0; C, |c| scaled[r][c] - mins_acc[r][c]));
     }
@@ -503,6 +542,7 @@ unsafe fn q6_k<const R: usize, const C: usize>(
     w: [*const u8; R],
     a: [*const u8; C],
     tiled: bool,
+    ahead: usize,
 ) -> [[f32; C]; R] {
     let mut out = [[0.0f32; C]; R];
     let low4 = _mm256_set1_epi8(0x0f);
@@ -515,6 +555,7 @@ unsafe fn q6_k<const R: usize, const C: usize>(
             let ad = array_of!(0.0; C, |c| f32_at(y[c]));
             let bsums = array_of!(low4; C, |c| load256(y[c].add(260)));
             let x = array_of!(w[0]; R, |r| w[r].add(b * 210));
+            prefetch_blocks(x, 210, ahead);
             let scales = array_of!(low4; R, |r| _mm256_cvtepi8_epi16(load128(x[r].add(192))));
             let mut sums = [[_mm256_setzero_si256(); C]; R];
             for r in 0..R {
@@ -773,6 +814,21 @@ fn hsum_i32(v: __m256i) -> i32 {
     let x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
     let x = _mm_add_epi32(x, _mm_unpackhi_epi64(x, x));
     _mm_cvtsi128_si32(_mm_add_epi32(x, _mm_shuffle_epi32::<0b10_11_00_01>(x)))
+}
+
+/// The sums of the i32 lanes of each of four vectors, in lanes 0..4.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
+    let x = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256::<1>(x))
+}
+
+/// [`hsum4_i32`] of 128-bit vectors.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum4_i32_128(v: [__m128i; 4]) -> __m128i {
+    _mm_hadd_epi32(_mm_hadd_epi32(v[0], v[1]), _mm_hadd_epi32(v[2], v[3]))
 }
 
 /// Same result as `scalar::quantize_q8_k_block`, bit for bit.

@@ -25,7 +25,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{avx2, GgmlType, KPath, TileKernels};
+use super::{avx2, prefetch_blocks, GgmlType, KPath, TileKernels};
 
 pub(super) struct Tiles<const VNNI: bool>;
 
@@ -36,6 +36,7 @@ impl<const VNNI: bool> TileKernels for Tiles<VNNI> {
         w: [&[u8]; R],
         a: [&[u8]; C],
         kpath: KPath,
+        ahead: usize,
     ) -> [[f32; C]; R] {
         let nb = n / ty.block_len();
         let row_bytes = nb * ty.block_bytes();
@@ -49,19 +50,19 @@ impl<const VNNI: bool> TileKernels for Tiles<VNNI> {
             match ty {
                 // Q4_K, and Q6_K in llama.cpp's tiled arithmetic, go to the
                 // AVX2 kernels, which follow llama.cpp (the same on AVX-512 CPUs).
-                GgmlType::Q6_K if kpath == KPath::Tiled => avx2::tile(ty, n, w, a, kpath),
+                GgmlType::Q6_K if kpath == KPath::Tiled => avx2::tile(ty, n, w, a, kpath, ahead),
                 GgmlType::Q8_0
                 | GgmlType::Q4_0
                 | GgmlType::Q5_0
                 | GgmlType::Q5_K
                 | GgmlType::Q6_K => {
                     if VNNI {
-                        tile_vnni(ty, nb, wp, ap)
+                        tile_vnni(ty, nb, wp, ap, ahead)
                     } else {
-                        tile_plain(ty, nb, wp, ap)
+                        tile_plain(ty, nb, wp, ap, ahead)
                     }
                 }
-                _ => avx2::tile(ty, n, w, a, kpath),
+                _ => avx2::tile(ty, n, w, a, kpath, ahead),
             }
         }
     }
@@ -85,9 +86,10 @@ unsafe fn tile_vnni<const R: usize, const C: usize>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     // SAFETY: forwarded contract.
-    unsafe { tile_any::<R, C, true>(ty, nb, w, a) }
+    unsafe { tile_any::<R, C, true>(ty, nb, w, a, ahead) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -96,9 +98,10 @@ unsafe fn tile_plain<const R: usize, const C: usize>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     // SAFETY: forwarded contract.
-    unsafe { tile_any::<R, C, false>(ty, nb, w, a) }
+    unsafe { tile_any::<R, C, false>(ty, nb, w, a, ahead) }
 }
 
 #[inline(always)]
@@ -107,15 +110,16 @@ unsafe fn tile_any<const R: usize, const C: usize, const VNNI: bool>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     // SAFETY: forwarded contract.
     unsafe {
         match ty {
-            GgmlType::Q8_0 => blocks32::<R, C, VNNI, Q8_0>(nb, w, a),
-            GgmlType::Q4_0 => blocks32::<R, C, VNNI, Q4_0>(nb, w, a),
-            GgmlType::Q5_0 => blocks32::<R, C, VNNI, Q5_0>(nb, w, a),
-            GgmlType::Q5_K => k4_blocks::<R, C, VNNI, true>(nb, w, a),
-            GgmlType::Q6_K => q6_k::<R, C, VNNI>(nb, w, a),
+            GgmlType::Q8_0 => blocks32::<R, C, VNNI, Q8_0>(nb, w, a, ahead),
+            GgmlType::Q4_0 => blocks32::<R, C, VNNI, Q4_0>(nb, w, a, ahead),
+            GgmlType::Q5_0 => blocks32::<R, C, VNNI, Q5_0>(nb, w, a, ahead),
+            GgmlType::Q5_K => k4_blocks::<R, C, VNNI, true>(nb, w, a, ahead),
+            GgmlType::Q6_K => q6_k::<R, C, VNNI>(nb, w, a, ahead),
             _ => unreachable!("{} is routed to the AVX2 kernels", ty.name()),
         }
     }
@@ -275,6 +279,7 @@ unsafe fn blocks32<const R: usize, const C: usize, const VNNI: bool, const KIND:
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     let bs = block_bytes32(KIND);
     // Signed Q8_0 weights without VNNI use vpsignb instead of an offset.
@@ -306,6 +311,7 @@ unsafe fn blocks32<const R: usize, const C: usize, const VNNI: bool, const KIND:
             let table = core::hint::black_box(&table);
             for k in 0..count {
                 let b = first + k;
+                prefetch_blocks(array_of!(w[0]; R, |r| w[r].add(b * bs)), bs, ahead);
                 let act = array_of!(offset; C, |c| load256(a[c].add(b * 34 + 2)));
                 // Each i32 lane starts at -(offset * sum of its four activations).
                 let start = array_of!(offset; C, |c| {
@@ -425,6 +431,7 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const VNNI: bool, const FIVE
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     let (block, qs_at) = if FIVE_BITS { (176, 48) } else { (144, 16) };
     // SAFETY: every block index is below nb; see the module contract.
@@ -437,6 +444,7 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const VNNI: bool, const FIVE
         for b in 0..nb {
             let y = array_of!(a[0]; C, |c| a[c].add(b * 292));
             let x = array_of!(w[0]; R, |r| w[r].add(b * block));
+            prefetch_blocks(x, block, ahead);
             let d_dmin = gather_f16_pairs(x, 0);
             for c in 0..C {
                 _mm512_storeu_ps(
@@ -570,6 +578,7 @@ unsafe fn q6_k<const R: usize, const C: usize, const VNNI: bool>(
     nb: usize,
     w: [*const u8; R],
     a: [*const u8; C],
+    ahead: usize,
 ) -> [[f32; C]; R] {
     // SAFETY: every block index is below nb; see the module contract.
     unsafe {
@@ -579,6 +588,7 @@ unsafe fn q6_k<const R: usize, const C: usize, const VNNI: bool>(
         for b in 0..nb {
             let y = array_of!(a[0]; C, |c| a[c].add(b * 292));
             let x = array_of!(w[0]; R, |r| w[r].add(b * 210));
+            prefetch_blocks(x, 210, ahead);
             // d is the last f16 of the block: read the dword ending there (lane 2r + 1).
             let d = gather_f16_pairs(x, 206);
             for c in 0..C {

@@ -352,6 +352,40 @@ impl Kernels {
     }
 }
 
+/// How many tiles of rows ahead a matvec prefetches its weights.
+const MATVEC_PREFETCH_TILES: usize = 2;
+
+/// Prefetches, for each row pointer `x[r]` at the start of a block of
+/// `block_bytes`, the same block `ahead` bytes further on (nothing if `ahead`
+/// is 0): the block of a later tile of rows, computed in the same order.
+///
+/// Matvec kernels call this once per block, so the prefetches are spread
+/// evenly over the computation. Without them a tile of interleaved rows waits
+/// on memory: the hardware prefetchers follow such access patterns poorly,
+/// and never across a 4 KiB page.
+#[inline(always)]
+fn prefetch_blocks<const R: usize>(x: [*const u8; R], block_bytes: usize, ahead: usize) {
+    if ahead == 0 {
+        return;
+    }
+    for p in x {
+        prefetch_lines(p.wrapping_add(ahead), block_bytes);
+    }
+}
+
+/// Prefetches the cache lines of the `len` bytes at `p` (any address: a
+/// prefetch never faults and reads nothing into the program).
+#[inline(always)]
+fn prefetch_lines(p: *const u8, len: usize) {
+    use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let mut line = 0;
+    while line < len {
+        // SAFETY: see above; `wrapping_add` because the address may be past any allocation.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast()) };
+        line += 64;
+    }
+}
+
 /// `ty.row_bytes(n)`, panicking with a clear message when `n` doesn't fit the type.
 fn row_bytes_checked(ty: GgmlType, n: usize) -> usize {
     match ty.row_bytes(n) {
@@ -386,12 +420,15 @@ enum KPath {
 trait TileKernels {
     /// `w[r]` is one weight row of `n` values of `ty`, `a[c]` one activation row
     /// of `ty.act_type()` (lengths already checked); returns `[r][c]` dot products.
+    /// With `ahead` > 0, the kernel prefetches the weights that many bytes beyond
+    /// the blocks it reads (see [`prefetch_blocks`]).
     fn tile<const R: usize, const C: usize>(
         ty: GgmlType,
         n: usize,
         w: [&[u8]; R],
         a: [&[u8]; C],
         kpath: KPath,
+        ahead: usize,
     ) -> [[f32; C]; R];
 
     /// Rows per matvec tile for `ty` (4 or 8): more rows share the per-block
@@ -540,12 +577,24 @@ impl MatmulShape {
         while c + MC <= cols.end {
             let a: [&[u8]; MC] = core::array::from_fn(|j| self.act(acts, c + j));
             let kpath = self.k_path(c, MC);
-            self.store(K::tile::<R, MC>(self.ty, self.n, w, a, kpath), r0, c, out);
+            self.store(
+                K::tile::<R, MC>(self.ty, self.n, w, a, kpath, 0),
+                r0,
+                c,
+                out,
+            );
             c += MC;
         }
         for c in c..cols.end {
             self.store(
-                K::tile::<R, 1>(self.ty, self.n, w, [self.act(acts, c)], self.k_path(c, 1)),
+                K::tile::<R, 1>(
+                    self.ty,
+                    self.n,
+                    w,
+                    [self.act(acts, c)],
+                    self.k_path(c, 1),
+                    0,
+                ),
                 r0,
                 c,
                 out,
@@ -554,6 +603,9 @@ impl MatmulShape {
     }
 
     fn run_matvec<K: TileKernels>(&self, rows: &[u8], act: &[u8], out: &mut [f32]) {
+        // The first tiles, which no earlier tile prefetched.
+        let first = MATVEC_PREFETCH_TILES * K::matvec_rows(self.ty) * self.row_bytes;
+        prefetch_lines(rows.as_ptr(), first.min(rows.len()));
         let mut r = 0;
         if K::matvec_rows(self.ty) == 8 {
             r = self.matvec_tiles::<K, 8>(r, rows, act, out);
@@ -571,9 +623,15 @@ impl MatmulShape {
         out: &mut [f32],
     ) -> usize {
         let a = [self.act(act, 0)];
+        // The weights of a matvec come from memory, once: each tile prefetches
+        // the tiles after it, unless they are past the rows of this call (which
+        // another worker may be computing).
+        let ahead = MATVEC_PREFETCH_TILES * R * self.row_bytes;
         while r + R <= self.nrows {
             let w: [&[u8]; R] = core::array::from_fn(|i| self.row(rows, r + i));
-            let tile = K::tile::<R, 1>(self.ty, self.n, w, a, KPath::Single);
+            let more = r + (MATVEC_PREFETCH_TILES + 1) * R <= self.nrows;
+            let ahead = if more { ahead } else { 0 };
+            let tile = K::tile::<R, 1>(self.ty, self.n, w, a, KPath::Single, ahead);
             self.store(tile, r, 0, out);
             r += R;
         }

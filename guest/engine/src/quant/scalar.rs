@@ -25,6 +25,7 @@ impl TileKernels for Tiles {
         w: [&[u8]; R],
         a: [&[u8]; C],
         kpath: KPath,
+        _ahead: usize,
     ) -> [[f32; C]; R] {
         core::array::from_fn(|r| core::array::from_fn(|c| dot(ty, n, w[r], a[c], kpath)))
     }

@@ -1002,3 +1002,34 @@ fn f16_row_ops_equal_scalar_bit_for_bit() {
         }
     }
 }
+
+/// Q4_K follows llama.cpp's float roundings exactly (see `KPath`), so every
+/// level must give the scalar reference's bits, with any scales, as a matvec
+/// (tiles of rows) and as a matmul (groups of four columns and the rest).
+#[test]
+fn q4_k_equals_scalar_bit_for_bit() {
+    let mut rng = Rng::new(7);
+    let ty = GgmlType::Q4_K;
+    for kernels in all_levels() {
+        for blocks in [1, 3, 8] {
+            let n = blocks * QK_K;
+            for rows in [1, 4, 7, 12, 16] {
+                let w = random_rows(ty, n, rows, &mut rng, false);
+                for cols in [1, 4, 5] {
+                    let a = random_acts(ty.act_type(), n, cols, &mut rng, false);
+                    let mut expected = vec![0.0; rows * cols];
+                    scalar().matmul(ty, n, &w, &a, cols, &mut expected, rows);
+                    let mut got = vec![0.0; rows * cols];
+                    kernels.matmul(ty, n, &w, &a, cols, &mut got, rows);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&expected),
+                        "{:?} Q4_K n={n} rows={rows} cols={cols}",
+                        kernels.level()
+                    );
+                }
+            }
+        }
+    }
+}
