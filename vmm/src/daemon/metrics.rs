@@ -307,44 +307,35 @@ pub fn render(uptime_secs: f64, rows: &[MetricsRow<'_>]) -> String {
             let _ = writeln!(out, "{name}{{{l}}} {}", value(&r.counters));
         }
     }
-    family(
-        &mut out,
-        "aivmm_vcpu_exits_total",
-        "counter",
-        "VM exits of the partition's guest (MMIO exits and notifications).",
-    );
-    for (row, l) in rows.iter().zip(&labels) {
-        let _ = writeln!(
-            out,
-            "aivmm_vcpu_exits_total{{{l}}} {}",
-            row.metrics.vcpu_exits.load(Ordering::Relaxed)
-        );
-    }
-    family(
-        &mut out,
-        "aivmm_queue_depth",
-        "gauge",
-        "Completions waiting or running.",
-    );
-    for (row, l) in rows.iter().zip(&labels) {
-        let _ = writeln!(
-            out,
-            "aivmm_queue_depth{{{l}}} {}",
-            row.metrics.queue_depth.load(Ordering::Relaxed)
-        );
-    }
-    family(
-        &mut out,
-        "aivmm_guest_memory_bytes",
-        "gauge",
-        "Guest RAM of the running partition.",
-    );
-    for (row, l) in rows.iter().zip(&labels) {
-        let _ = writeln!(
-            out,
-            "aivmm_guest_memory_bytes{{{l}}} {}",
-            row.metrics.guest_memory_bytes.load(Ordering::Relaxed)
-        );
+    let live: [(&str, &str, &str, fn(&PartitionMetrics) -> &AtomicU64); 3] = [
+        (
+            "aivmm_vcpu_exits_total",
+            "counter",
+            "VM exits of the partition's guest (MMIO exits and notifications).",
+            |m| &m.vcpu_exits,
+        ),
+        (
+            "aivmm_queue_depth",
+            "gauge",
+            "Completions waiting or running.",
+            |m| &m.queue_depth,
+        ),
+        (
+            "aivmm_guest_memory_bytes",
+            "gauge",
+            "Guest RAM of the running partition.",
+            |m| &m.guest_memory_bytes,
+        ),
+    ];
+    for (name, kind, help, value) in live {
+        family(&mut out, name, kind, help);
+        for (row, l) in rows.iter().zip(&labels) {
+            let _ = writeln!(
+                out,
+                "{name}{{{l}}} {}",
+                value(row.metrics).load(Ordering::Relaxed)
+            );
+        }
     }
     family(
         &mut out,
