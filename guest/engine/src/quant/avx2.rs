@@ -15,7 +15,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{prefetch_blocks, scalar, GgmlType, KPath, TileKernels};
+use super::{prefetch_step, scalar, GgmlType, KPath, TileKernels};
 
 pub(super) struct Tiles;
 
@@ -50,6 +50,10 @@ pub(super) unsafe fn tile<const R: usize, const C: usize>(
     let row_bytes = nb * ty.block_bytes();
     let act_bytes = nb * ty.act_type().block_bytes();
     assert!(w.iter().all(|w| w.len() == row_bytes) && a.iter().all(|a| a.len() == act_bytes));
+    // Prefetching ahead (only for a matvec tile) assumes the rows are consecutive.
+    debug_assert!(
+        ahead == 0 || (0..R).all(|r| w[r].as_ptr() == w[0].as_ptr().wrapping_add(r * row_bytes))
+    );
     let wp = w.map(<[u8]>::as_ptr);
     let ap = a.map(<[u8]>::as_ptr);
     // SAFETY: the slices hold exactly `nb` blocks each (checked above); the CPU
@@ -170,7 +174,7 @@ unsafe fn q8_0<const R: usize, const C: usize>(
         for b in 0..nb {
             let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 34 + 2)));
             let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 34)));
-            prefetch_blocks(array_of!(w[0]; R, |r| w[r].add(b * 34)), 34, ahead);
+            prefetch_step(w[0], b, R * 34, ahead);
             for r in 0..R {
                 let x = w[r].add(b * 34);
                 let wq = load256(x.add(2));
@@ -205,7 +209,7 @@ unsafe fn q4_0<const R: usize, const C: usize>(
             let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 34 + 2)));
             let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 34)));
             let offset = array_of!(_mm256_setzero_si256(); C, |c| _mm256_maddubs_epi16(_mm256_set1_epi8(8), aq[c]));
-            prefetch_blocks(array_of!(w[0]; R, |r| w[r].add(b * 18)), 18, ahead);
+            prefetch_step(w[0], b, R * 18, ahead);
             for r in 0..R {
                 let x = w[r].add(b * 18);
                 let wq = nibbles_32(x.add(2));
@@ -236,7 +240,7 @@ unsafe fn q5_0<const R: usize, const C: usize>(
             let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 34 + 2)));
             let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 34)));
             let offset = array_of!(_mm256_setzero_si256(); C, |c| _mm256_maddubs_epi16(_mm256_set1_epi8(16), aq[c]));
-            prefetch_blocks(array_of!(w[0]; R, |r| w[r].add(b * 22)), 22, ahead);
+            prefetch_step(w[0], b, R * 22, ahead);
             for r in 0..R {
                 let x = w[r].add(b * 22);
                 let wq = _mm256_or_si256(nibbles_32(x.add(6)), bits_to_0x10(x.add(2)));
@@ -291,7 +295,7 @@ unsafe fn offset_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
             let aq = array_of!(_mm256_setzero_si256(); C, |c| load256(a[c].add(b * 36 + 4)));
             let ad = array_of!(0.0; C, |c| f16_at(a[c].add(b * 36)));
             let asum = array_of!(0.0; C, |c| f16_at(a[c].add(b * 36 + 2)));
-            prefetch_blocks(array_of!(w[0]; R, |r| w[r].add(b * block)), block, ahead);
+            prefetch_step(w[0], b, R * block, ahead);
             for r in 0..R {
                 let x = w[r].add(b * block);
                 let wq = if FIVE_BITS {
@@ -371,6 +375,11 @@ unsafe fn q4_k<const R: usize, const C: usize>(
     pairs: bool,
     ahead: usize,
 ) -> [[f32; C]; R] {
+    if R == 4 && C == 1 && !pairs {
+        // SAFETY: forwarded contract.
+        let dots = unsafe { q4_k_rows4(nb, array_of!(w[0]; 4, |r| w[r]), a[0], ahead) };
+        return array_of!([0.0; C]; R, |r| [dots[r]; C]);
+    }
     // SAFETY: forwarded contract.
     unsafe { k4_blocks::<R, C, false>(nb, w, a, pairs, ahead) }
 }
@@ -404,10 +413,6 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
     // Q4_K: the scaled and the min sums of the whole rows (see `scalar::dot`).
     let mut scaled = [[0.0f32; C]; R];
     let mut mins_acc = [[0.0f32; C]; R];
-    // The same for the four rows of a Q4_K matvec tile at once, one per lane:
-    // the same roundings, without a horizontal sum per row and block.
-    let rows4 = R == 4 && C == 1 && !pairs && !FIVE_BITS;
-    let (mut scaled4, mut mins4) = (_mm_setzero_ps(), _mm_setzero_ps());
     // SAFETY: block b of every row is within the nb blocks of the contract.
     unsafe {
         for b in 0..nb {
@@ -415,7 +420,7 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
             let ad = array_of!(0.0; C, |c| f32_at(y[c]));
             let asums = array_of!(_mm_setzero_si128(); C, |c| q8_k_sub_sums(y[c]));
             let x = array_of!(w[0]; R, |r| w[r].add(b * block));
-            prefetch_blocks(x, block, ahead);
+            prefetch_step(w[0], b, R * block, ahead);
             let scales_mins = array_of!(low4; R, |r| k4_scales_mins(x[r].add(4)));
             let scales = array_of!(low4; R, |r| _mm256_permute2x128_si256::<0x00>(scales_mins[r], scales_mins[r]));
             // Q5_K high bits: bit s of each qh byte is moved to bit 4, for s < 4 by
@@ -466,20 +471,6 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
                     }
                 }
             }
-            if rows4 {
-                let sumi = hsum4_i32(array_of!(low4; 4, |r| sums[r][0]));
-                // Lane r: the mins of row r times the activation sums.
-                let summ = hsum4_i32_128(array_of!(_mm_setzero_si128(); 4, |r| {
-                    _mm_madd_epi16(_mm256_extracti128_si256::<1>(scales_mins[r]), asums[0])
-                }));
-                let ad = _mm_set1_ps(ad[0]);
-                let dw = _mm_mul_ps(_mm_setr_ps(dw[0], dw[1], dw[2], dw[3]), ad);
-                let dmin = array_of!(0.0; 4, |r| f16_at(x[r].add(2)));
-                let dmin = _mm_mul_ps(_mm_setr_ps(dmin[0], dmin[1], dmin[2], dmin[3]), ad);
-                scaled4 = _mm_fmadd_ps(_mm_cvtepi32_ps(sumi), dw, scaled4);
-                mins4 = _mm_fmadd_ps(_mm_cvtepi32_ps(summ), dmin, mins4);
-                continue;
-            }
             for r in 0..R {
                 let (dw, dmin) = (dw[r], f16_at(x[r].add(2)));
                 let mins = _mm256_extracti128_si256::<1>(scales_mins[r]);
@@ -515,15 +506,145 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const FIVE_BITS: bool>(
             }
         }
     }
-    if rows4 {
-        // SAFETY: an __m128 is four f32 lanes; any bits are a valid f32.
-        let lanes: [f32; 4] = unsafe { core::mem::transmute(_mm_sub_ps(scaled4, mins4)) };
-        return array_of!([0.0; C]; R, |r| [lanes[r]; C]);
-    }
     if !FIVE_BITS {
         return array_of!([0.0; C]; R, |r| array_of!(0.0; C, |c| scaled[r][c] - mins_acc[r][c]));
     }
     hsum_all(acc)
+}
+
+/// The 16 bytes at the start of a Q4_K block (d, dmin and the 12 packed scale
+/// bytes) of two rows, one per 128-bit lane, decoded in place to
+/// `[scale 0..8, min 0..8]` per lane (the bytes of [`k4_scales_mins`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn k4_scales_mins_x2(head: __m256i) -> __m256i {
+    const Z: i8 = -128;
+    // Per lane: the scale dwords q0 q2 q1 q2, and 0 q0 0 q1 for the top two bits.
+    let q0_q2_q1_q2 = _mm256_shuffle_epi8(
+        head,
+        _mm256_broadcastsi128_si256(_mm_setr_epi8(
+            4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15,
+        )),
+    );
+    let tops = _mm256_shuffle_epi8(
+        head,
+        _mm256_broadcastsi128_si256(_mm_setr_epi8(
+            Z, Z, Z, Z, 4, 5, 6, 7, Z, Z, Z, Z, 8, 9, 10, 11,
+        )),
+    );
+    let low = _mm256_and_si256(
+        q0_q2_q1_q2,
+        _mm256_broadcastsi128_si256(_mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0)),
+    );
+    // 16-bit shifts: the bits a byte takes from its neighbour are masked off.
+    let high_nibbles = _mm256_and_si256(
+        _mm256_srli_epi16::<4>(q0_q2_q1_q2),
+        _mm256_broadcastsi128_si256(_mm_setr_epi32(0, 0, 0, 0x0f0f0f0f)),
+    );
+    let tops = _mm256_and_si256(
+        _mm256_srli_epi16::<2>(tops),
+        _mm256_broadcastsi128_si256(_mm_setr_epi32(0, 0x30303030, 0, 0x30303030)),
+    );
+    _mm256_or_si256(_mm256_or_si256(low, high_nibbles), tops)
+}
+
+/// Q4_K x Q8_K for four rows and one activation row (the matvec tile): the
+/// arithmetic of `k4_blocks`'s single-row path with the four rows' float
+/// work done in the lanes of one vector, and the block headers (d, dmin,
+/// scales) decoded two rows per vector instead of in scalar registers.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_rows4(nb: usize, w: [*const u8; 4], a: *const u8, ahead: usize) -> [f32; 4] {
+    let low4 = _mm256_set1_epi8(0x0f);
+    let picks = byte_as_i16_picks();
+    let (mut scaled, mut mins) = (_mm_setzero_ps(), _mm_setzero_ps());
+    // SAFETY: block b of every row is within the nb blocks of the contract.
+    unsafe {
+        for b in 0..nb {
+            let y = a.add(b * 292);
+            let ad = _mm_set1_ps(f32_at(y));
+            let asums = _mm256_broadcastsi128_si256(q8_k_sub_sums(y));
+            let x = array_of!(w[0]; 4, |r| w[r].add(b * 144));
+            prefetch_step(w[0], b, 4 * 144, ahead);
+            // Rows (0, 1) and (2, 3), one per lane.
+            let heads = [
+                _mm256_loadu2_m128i(x[1].cast(), x[0].cast()),
+                _mm256_loadu2_m128i(x[3].cast(), x[2].cast()),
+            ];
+            let decoded = [k4_scales_mins_x2(heads[0]), k4_scales_mins_x2(heads[1])];
+            // Lane r: d (low half) and dmin (high half) of row r, then as floats
+            // [d0 d1 d2 d3 dmin0 dmin1 dmin2 dmin3].
+            let pairs = _mm256_unpacklo_epi32(heads[0], heads[1]);
+            let d_dmin = _mm_unpacklo_epi32(
+                _mm256_castsi256_si128(pairs),
+                _mm256_extracti128_si256::<1>(pairs),
+            );
+            let d_dmin = _mm256_cvtph_ps(_mm_shuffle_epi8(
+                d_dmin,
+                _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15),
+            ));
+            // Lane pair r: the mins of row r times the sub-block activation sums.
+            let min_dots = [
+                _mm256_madd_epi16(
+                    _mm256_unpackhi_epi8(decoded[0], _mm256_setzero_si256()),
+                    asums,
+                ),
+                _mm256_madd_epi16(
+                    _mm256_unpackhi_epi8(decoded[1], _mm256_setzero_si256()),
+                    asums,
+                ),
+            ];
+            let mut sums = [_mm256_setzero_si256(); 4];
+            for r in 0..4 {
+                let scales = if r % 2 == 0 {
+                    _mm256_permute2x128_si256::<0x00>(decoded[r / 2], decoded[r / 2])
+                } else {
+                    _mm256_permute2x128_si256::<0x11>(decoded[r / 2], decoded[r / 2])
+                };
+                for j in 0..4 {
+                    let q = load256(x[r].add(16 + 32 * j));
+                    let lo = _mm256_and_si256(q, low4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+                    let pl = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(lo, load256(y.add(4 + 64 * j))),
+                        _mm256_shuffle_epi8(scales, picks[2 * j]),
+                    );
+                    let ph = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(hi, load256(y.add(36 + 64 * j))),
+                        _mm256_shuffle_epi8(scales, picks[2 * j + 1]),
+                    );
+                    sums[r] = _mm256_add_epi32(sums[r], _mm256_add_epi32(pl, ph));
+                }
+            }
+            let sumi = hsum4_i32(sums);
+            // Per lane [row0 row2 row0 row2 | row1 row3 row1 row3] after two pairwise adds.
+            let summ = _mm256_hadd_epi32(min_dots[0], min_dots[1]);
+            let summ = _mm256_hadd_epi32(summ, summ);
+            let summ = _mm_unpacklo_epi32(
+                _mm256_castsi256_si128(summ),
+                _mm256_extracti128_si256::<1>(summ),
+            );
+            let dw = _mm_mul_ps(_mm256_castps256_ps128(d_dmin), ad);
+            let dmin = _mm_mul_ps(_mm256_extractf128_ps::<1>(d_dmin), ad);
+            scaled = _mm_fmadd_ps(_mm_cvtepi32_ps(sumi), dw, scaled);
+            mins = _mm_fmadd_ps(_mm_cvtepi32_ps(summ), dmin, mins);
+        }
+    }
+    // SAFETY: an __m128 is four f32 lanes; any bits are a valid f32.
+    unsafe { core::mem::transmute(_mm_sub_ps(scaled, mins)) }
+}
+
+/// `vpshufb` controls that copy byte `k` of each 128-bit half, zero-extended,
+/// into every i16 lane of that half (the scale of sub-block `k` of a
+/// [`k4_scales_mins_x2`] row).
+///
+/// Hidden from the optimizer: LLVM would otherwise turn these splat controls
+/// into `vpbroadcastw` loads, one more shuffle each on AMD cores.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn byte_as_i16_picks() -> [__m256i; 8] {
+    core::hint::black_box(
+        array_of!(_mm256_setzero_si256(); 8, |k| _mm256_set1_epi16((0x8000 | k) as i16)),
+    )
 }
 
 /// `a * b + c` with one rounding.
@@ -555,7 +676,7 @@ unsafe fn q6_k<const R: usize, const C: usize>(
             let ad = array_of!(0.0; C, |c| f32_at(y[c]));
             let bsums = array_of!(low4; C, |c| load256(y[c].add(260)));
             let x = array_of!(w[0]; R, |r| w[r].add(b * 210));
-            prefetch_blocks(x, 210, ahead);
+            prefetch_step(w[0], b, R * 210, ahead);
             let scales = array_of!(low4; R, |r| _mm256_cvtepi8_epi16(load128(x[r].add(192))));
             let mut sums = [[_mm256_setzero_si256(); C]; R];
             for r in 0..R {
@@ -822,13 +943,6 @@ fn hsum_i32(v: __m256i) -> i32 {
 fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
     let x = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
     _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256::<1>(x))
-}
-
-/// [`hsum4_i32`] of 128-bit vectors.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn hsum4_i32_128(v: [__m128i; 4]) -> __m128i {
-    _mm_hadd_epi32(_mm_hadd_epi32(v[0], v[1]), _mm_hadd_epi32(v[2], v[3]))
 }
 
 /// Same result as `scalar::quantize_q8_k_block`, bit for bit.

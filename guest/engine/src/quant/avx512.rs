@@ -25,7 +25,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{avx2, prefetch_blocks, GgmlType, KPath, TileKernels};
+use super::{avx2, prefetch_step, GgmlType, KPath, TileKernels};
 
 pub(super) struct Tiles<const VNNI: bool>;
 
@@ -42,6 +42,11 @@ impl<const VNNI: bool> TileKernels for Tiles<VNNI> {
         let row_bytes = nb * ty.block_bytes();
         let act_bytes = nb * ty.act_type().block_bytes();
         assert!(w.iter().all(|w| w.len() == row_bytes) && a.iter().all(|a| a.len() == act_bytes));
+        // Prefetching ahead (only for a matvec tile) assumes the rows are consecutive.
+        debug_assert!(
+            ahead == 0
+                || (0..R).all(|r| w[r].as_ptr() == w[0].as_ptr().wrapping_add(r * row_bytes))
+        );
         let wp = w.map(<[u8]>::as_ptr);
         let ap = a.map(<[u8]>::as_ptr);
         // SAFETY: `Tiles<VNNI>` is only used by `Kernels` of level Avx512Vnni (VNNI)
@@ -311,7 +316,7 @@ unsafe fn blocks32<const R: usize, const C: usize, const VNNI: bool, const KIND:
             let table = core::hint::black_box(&table);
             for k in 0..count {
                 let b = first + k;
-                prefetch_blocks(array_of!(w[0]; R, |r| w[r].add(b * bs)), bs, ahead);
+                prefetch_step(w[0], b, R * bs, ahead);
                 let act = array_of!(offset; C, |c| load256(a[c].add(b * 34 + 2)));
                 // Each i32 lane starts at -(offset * sum of its four activations).
                 let start = array_of!(offset; C, |c| {
@@ -444,7 +449,7 @@ unsafe fn k4_blocks<const R: usize, const C: usize, const VNNI: bool, const FIVE
         for b in 0..nb {
             let y = array_of!(a[0]; C, |c| a[c].add(b * 292));
             let x = array_of!(w[0]; R, |r| w[r].add(b * block));
-            prefetch_blocks(x, block, ahead);
+            prefetch_step(w[0], b, R * block, ahead);
             let d_dmin = gather_f16_pairs(x, 0);
             for c in 0..C {
                 _mm512_storeu_ps(
@@ -588,7 +593,7 @@ unsafe fn q6_k<const R: usize, const C: usize, const VNNI: bool>(
         for b in 0..nb {
             let y = array_of!(a[0]; C, |c| a[c].add(b * 292));
             let x = array_of!(w[0]; R, |r| w[r].add(b * 210));
-            prefetch_blocks(x, 210, ahead);
+            prefetch_step(w[0], b, R * 210, ahead);
             // d is the last f16 of the block: read the dword ending there (lane 2r + 1).
             let d = gather_f16_pairs(x, 206);
             for c in 0..C {

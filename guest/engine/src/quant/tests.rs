@@ -629,6 +629,42 @@ fn simd_matvec_equals_scalar() {
     }
 }
 
+/// A matvec in pieces, each told how many rows follow it (which it prefetches
+/// into), gives what one matvec over all rows gives.
+#[test]
+fn matvec_in_pieces_equals_one_matvec() {
+    let mut rng = Rng::new(9);
+    for kernels in all_levels() {
+        for ty in WEIGHT_TYPES {
+            let (n, rows) = (2 * ty.block_len().max(32), 45);
+            let w = random_rows(ty, n, rows, &mut rng, false);
+            let a = random_acts(ty.act_type(), n, 1, &mut rng, false);
+            let mut whole = vec![0.0; rows];
+            kernels.matvec(ty, n, &w, &a, &mut whole);
+            let row_bytes = ty.row_bytes(n).unwrap();
+            let mut pieces = vec![0.0; rows];
+            for (start, end) in [(0, 16), (16, 40), (40, 45)] {
+                let rows_then = rows - end;
+                kernels.matvec_then(
+                    ty,
+                    n,
+                    &w[start * row_bytes..end * row_bytes],
+                    rows_then,
+                    &a,
+                    &mut pieces[start..end],
+                );
+            }
+            assert_eq!(
+                whole.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                pieces.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{} at {:?}",
+                ty.name(),
+                kernels.level()
+            );
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn compare(
     kernels: Kernels,
