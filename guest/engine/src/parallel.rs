@@ -6,12 +6,12 @@
 //! inference kernel with its vCPUs over shared memory.
 
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Runs one job on up to N workers and waits for the ones that ran it.
 ///
-/// Jobs share their work dynamically (a [`ChunkCounter`]): worker 0 alone
-/// completes a job, any other worker only helps.
+/// Jobs share their work dynamically (a [`ChunkCounter`] or a [`RangeSplit`]):
+/// worker 0 alone completes a job, any other worker only helps.
 pub trait Parallel: Sync {
     /// Number of workers (>= 1); the caller's own thread counts as worker 0.
     fn n_workers(&self) -> usize;
@@ -58,6 +58,125 @@ impl ChunkCounter {
     }
 }
 
+/// Workers that get a range of their own in a [`RangeSplit`]; any more only
+/// take chunks from the others.
+pub const MAX_OWNED_RANGES: usize = 64;
+
+/// One chunk of a [`RangeSplit`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub range: core::ops::Range<usize>,
+    /// How many items directly after `range` the same worker will most likely
+    /// take next (the rest of its own range): worth prefetching.
+    pub then: usize,
+}
+
+/// Splits `0..total` into one contiguous range per worker, which its owner
+/// takes chunk by chunk from the front; a worker whose range is done takes
+/// chunks from the back of the range with the most left.
+///
+/// Unlike a [`ChunkCounter`], whose consecutive chunks go to alternating
+/// workers, each worker streams through consecutive rows of a matrix, so its
+/// prefetching runs on from chunk to chunk instead of restarting (llama.cpp
+/// splits a matrix-vector product statically, one range per thread, for the
+/// same reason); the stealing keeps the balance when a noisy neighbour slows
+/// one worker down.
+pub struct RangeSplit {
+    /// Per owner: the start of what is left in the high 32 bits, its end in the low.
+    ranges: [AtomicU64; MAX_OWNED_RANGES],
+    owners: usize,
+    chunk: usize,
+}
+
+impl RangeSplit {
+    /// `total` items (less than 2^32) for `workers` workers, in chunks of
+    /// `chunk`; own ranges start at multiples of `align` where they can.
+    pub fn new(total: usize, workers: usize, chunk: usize, align: usize) -> Self {
+        assert!(u32::try_from(total).is_ok(), "RangeSplit: {total} items");
+        let owners = workers.clamp(1, MAX_OWNED_RANGES);
+        let align = align.max(1);
+        let start = |i: usize| match i {
+            0 => 0,
+            i if i == owners => total,
+            i => (total * i / owners / align * align).min(total),
+        };
+        RangeSplit {
+            ranges: core::array::from_fn(|i| {
+                AtomicU64::new(if i < owners {
+                    pack(start(i), start(i + 1))
+                } else {
+                    0
+                })
+            }),
+            owners,
+            chunk: chunk.max(1),
+        }
+    }
+
+    /// The next chunk for `worker`, or None when every item is taken.
+    pub fn next(&self, worker: usize) -> Option<Chunk> {
+        if let Some(own) = self.ranges.get(worker).filter(|_| worker < self.owners) {
+            let mut now = own.load(Ordering::Relaxed);
+            loop {
+                let (start, end) = unpack(now);
+                if start >= end {
+                    break;
+                }
+                let taken = (start + self.chunk).min(end);
+                match own.compare_exchange_weak(
+                    now,
+                    pack(taken, end),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        return Some(Chunk {
+                            range: start..taken,
+                            then: end - taken,
+                        })
+                    }
+                    Err(seen) => now = seen,
+                }
+            }
+        }
+        loop {
+            let (victim, left) = self.ranges[..self.owners]
+                .iter()
+                .map(|r| {
+                    let (start, end) = unpack(r.load(Ordering::Relaxed));
+                    (r, end.saturating_sub(start))
+                })
+                .max_by_key(|&(_, left)| left)?;
+            if left == 0 {
+                return None;
+            }
+            let now = victim.load(Ordering::Relaxed);
+            let (start, end) = unpack(now);
+            if start >= end {
+                continue;
+            }
+            let from = end.saturating_sub(self.chunk).max(start);
+            if victim
+                .compare_exchange(now, pack(start, from), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Some(Chunk {
+                    range: from..end,
+                    then: 0,
+                });
+            }
+        }
+    }
+}
+
+fn pack(start: usize, end: usize) -> u64 {
+    ((start as u64) << 32) | end as u64
+}
+
+fn unpack(v: u64) -> (usize, usize) {
+    ((v >> 32) as usize, (v & 0xffff_ffff) as usize)
+}
+
 /// A mutable slice that several workers write to at the same time, each to
 /// ranges no other worker touches (rows of a matmul, heads of attention).
 pub struct DisjointSlice<'a, T> {
@@ -94,5 +213,125 @@ impl<'a, T> DisjointSlice<'a, T> {
         unsafe {
             core::slice::from_raw_parts_mut(self.ptr.add(range.start), range.end - range.start)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    fn drain(split: &RangeSplit, worker: usize) -> Vec<Chunk> {
+        core::iter::from_fn(|| split.next(worker)).collect()
+    }
+
+    #[test]
+    fn owners_stream_through_their_own_range() {
+        let split = RangeSplit::new(100, 2, 16, 8);
+        let first = split.next(0).unwrap();
+        assert_eq!(
+            first,
+            Chunk {
+                range: 0..16,
+                then: 32
+            }
+        );
+        assert_eq!(
+            split.next(1).unwrap(),
+            Chunk {
+                range: 48..64,
+                then: 36
+            }
+        );
+        assert_eq!(
+            split.next(0).unwrap(),
+            Chunk {
+                range: 16..32,
+                then: 16
+            }
+        );
+        assert_eq!(
+            split.next(0).unwrap(),
+            Chunk {
+                range: 32..48,
+                then: 0
+            }
+        );
+        // Worker 0's range is done: it takes from the back of worker 1's.
+        assert_eq!(
+            split.next(0).unwrap(),
+            Chunk {
+                range: 84..100,
+                then: 0
+            }
+        );
+        assert_eq!(
+            split.next(1).unwrap(),
+            Chunk {
+                range: 64..80,
+                then: 4
+            }
+        );
+        assert_eq!(
+            split.next(1).unwrap(),
+            Chunk {
+                range: 80..84,
+                then: 0
+            }
+        );
+        assert_eq!(split.next(0), None);
+        assert_eq!(split.next(1), None);
+    }
+
+    #[test]
+    fn every_item_is_taken_exactly_once() {
+        for (total, workers, chunk) in [
+            (0, 3, 4),
+            (1, 4, 16),
+            (1000, 3, 7),
+            (64, 70, 1),
+            (5632, 2, 352),
+        ] {
+            let split = RangeSplit::new(total, workers, chunk, 8);
+            let mut seen = vec![0u32; total];
+            // Workers take turns, some more often than others.
+            let mut idle = vec![false; workers];
+            let mut turn = 0;
+            while idle.iter().any(|i| !i) {
+                let worker = (turn * 7 + turn / 3) % workers;
+                turn += 1;
+                match split.next(worker) {
+                    Some(c) => {
+                        assert!(c.range.len() <= chunk && !c.range.is_empty());
+                        seen[c.range].iter_mut().for_each(|s| *s += 1);
+                    }
+                    None => idle[worker] = true,
+                }
+            }
+            assert!(
+                seen.iter().all(|&s| s == 1),
+                "{total} items, {workers} workers"
+            );
+        }
+    }
+
+    #[test]
+    fn chunks_are_disjoint_across_threads() {
+        let split = RangeSplit::new(10_000, 4, 13, 8);
+        let seen: Vec<AtomicUsize> = (0..10_000).map(|_| AtomicUsize::new(0)).collect();
+        std::thread::scope(|s| {
+            for worker in 0..4 {
+                let (split, seen) = (&split, &seen);
+                s.spawn(move || {
+                    for c in drain(split, worker) {
+                        for i in c.range {
+                            seen[i].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 1));
     }
 }

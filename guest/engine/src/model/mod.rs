@@ -19,7 +19,7 @@ pub use config::{Arch, Config, FfnActivation};
 use weights::{Matrix, Weights};
 
 use crate::gguf::Gguf;
-use crate::parallel::{ChunkCounter, DisjointSlice, Parallel};
+use crate::parallel::{ChunkCounter, DisjointSlice, Parallel, RangeSplit};
 use crate::quant::{dequantize_row, f16_to_f32, GgmlType, Kernels};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -651,24 +651,26 @@ fn matmul(
 ) {
     let rows = w.rows;
     let row_bytes = w.row_bytes();
-    // A matvec needs no scratch: its chunks may be longer, which saves
-    // hand-outs and restarts of its prefetching.
+    // A matvec needs no scratch: its chunks may be longer (fewer hand-outs).
+    // Each worker streams through its own range of rows (`RangeSplit`), and
+    // its matvecs prefetch on into the rows of its next chunk.
     let max_chunk = if b == 1 {
         MAX_MATVEC_CHUNK_ROWS
     } else {
         MAX_CHUNK_ROWS
     };
     let chunk = (rows / (par.n_workers() * 8)).clamp(16, max_chunk);
-    let counter = ChunkCounter::new(rows, chunk);
+    let split = RangeSplit::new(rows, par.n_workers(), chunk, 8);
     let out = DisjointSlice::new(&mut out[..b * rows]);
     let scratch = DisjointSlice::new(chunk_out);
     par.run(&|worker| {
-        while let Some(r) = counter.next() {
+        while let Some(chunk) = split.next(worker) {
+            let r = chunk.range;
             let wrows = &w.data[r.start * row_bytes..r.end * row_bytes];
             if b == 1 {
                 // SAFETY: chunks of rows are handed out once each, so the ranges are disjoint.
                 let o = unsafe { out.range(r.clone()) };
-                kernels.matvec(w.ty, w.cols, wrows, act, o);
+                kernels.matvec_then(w.ty, w.cols, wrows, chunk.then, act, o);
             } else {
                 let n = r.len();
                 // SAFETY: each worker uses only its own scratch block.
