@@ -375,6 +375,11 @@ unsafe fn q4_k<const R: usize, const C: usize>(
     pairs: bool,
     ahead: usize,
 ) -> [[f32; C]; R] {
+    if R == 4 && pairs {
+        // SAFETY: forwarded contract.
+        let dots = unsafe { q4_k_gemm_rows4::<C>(nb, array_of!(w[0]; 4, |r| w[r]), a) };
+        return array_of!([0.0; C]; R, |r| dots[r]);
+    }
     if R == 4 && C == 1 && !pairs {
         // SAFETY: forwarded contract.
         let dots = unsafe { q4_k_rows4(nb, array_of!(w[0]; 4, |r| w[r]), a[0], ahead) };
@@ -548,6 +553,131 @@ fn k4_scales_mins_x2(head: __m256i) -> __m256i {
     _mm256_or_si256(_mm256_or_si256(low, high_nibbles), tops)
 }
 
+/// The block headers of four Q4_K rows (`x[r]` at the same block of each):
+/// their scales and mins decoded two rows per vector ([`k4_scales_mins_x2`]:
+/// rows 0 and 1, then 2 and 3, one per 128-bit lane), and
+/// `[d0 d1 d2 d3 dmin0 dmin1 dmin2 dmin3]` as floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn k4_heads_rows4(x: [*const u8; 4]) -> ([__m256i; 2], __m256) {
+    // SAFETY: the caller guarantees a whole Q4_K block (144 bytes) at each x[r].
+    let heads = unsafe {
+        [
+            _mm256_loadu2_m128i(x[1].cast(), x[0].cast()),
+            _mm256_loadu2_m128i(x[3].cast(), x[2].cast()),
+        ]
+    };
+    let decoded = [k4_scales_mins_x2(heads[0]), k4_scales_mins_x2(heads[1])];
+    // Lane r: d (low half) and dmin (high half) of row r.
+    let pairs = _mm256_unpacklo_epi32(heads[0], heads[1]);
+    let d_dmin = _mm_unpacklo_epi32(
+        _mm256_castsi256_si128(pairs),
+        _mm256_extracti128_si256::<1>(pairs),
+    );
+    let d_dmin = _mm256_cvtph_ps(_mm_shuffle_epi8(
+        d_dmin,
+        _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15),
+    ));
+    (decoded, d_dmin)
+}
+
+/// The scales of row `r` of [`k4_heads_rows4`]'s decoded pairs, in both lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn row_scales(decoded: [__m256i; 2], r: usize) -> __m256i {
+    let pair = decoded[r / 2];
+    if r % 2 == 0 {
+        _mm256_permute2x128_si256::<0x00>(pair, pair)
+    } else {
+        _mm256_permute2x128_si256::<0x11>(pair, pair)
+    }
+}
+
+/// Q4_K x Q8_K for four rows and `C` activation rows as llama.cpp's repacked
+/// GEMM computes them (`KPath::Gemm4`): an exact integer sum per 64 values,
+/// scaled into the row's FMA chains. The four rows' sums are gathered into the
+/// lanes of one vector (a horizontal add tree), so each step of the chains is
+/// one vector FMA for all four rows instead of a horizontal sum and a scalar
+/// FMA per row.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_gemm_rows4<const C: usize>(
+    nb: usize,
+    w: [*const u8; 4],
+    a: [*const u8; C],
+) -> [[f32; C]; 4] {
+    let low4 = _mm256_set1_epi8(0x0f);
+    let picks = byte_as_i16_picks();
+    // Lane r: row r.
+    let mut scaled = [_mm_setzero_ps(); C];
+    let mut mins = [_mm_setzero_ps(); C];
+    // SAFETY: block b of every row is within the nb blocks of the contract.
+    unsafe {
+        for b in 0..nb {
+            let x = array_of!(w[0]; 4, |r| w[r].add(b * 144));
+            let y = array_of!(a[0]; C, |c| a[c].add(b * 292));
+            let (decoded, d_dmin) = k4_heads_rows4(x);
+            let ad = array_of!(_mm_setzero_ps(); C, |c| _mm_set1_ps(f32_at(y[c])));
+            let dw = array_of!(_mm_setzero_ps(); C, |c| _mm_mul_ps(_mm256_castps256_ps128(d_dmin), ad[c]));
+            let dmin = array_of!(_mm_setzero_ps(); C, |c| _mm_mul_ps(_mm256_extractf128_ps::<1>(d_dmin), ad[c]));
+            for j in 0..4 {
+                let mut sums = [[_mm256_setzero_si256(); C]; 4];
+                for r in 0..4 {
+                    let scales = row_scales(decoded, r);
+                    let (sl, sh) = (
+                        _mm256_shuffle_epi8(scales, picks[2 * j]),
+                        _mm256_shuffle_epi8(scales, picks[2 * j + 1]),
+                    );
+                    let q = load256(x[r].add(16 + 32 * j));
+                    let lo = _mm256_and_si256(q, low4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+                    for c in 0..C {
+                        let pl = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(lo, load256(y[c].add(4 + 64 * j))),
+                            sl,
+                        );
+                        let ph = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(hi, load256(y[c].add(36 + 64 * j))),
+                            sh,
+                        );
+                        sums[r][c] = _mm256_add_epi32(pl, ph);
+                    }
+                }
+                for c in 0..C {
+                    let sumi = hsum4_i32(array_of!(low4; 4, |r| sums[r][c]));
+                    scaled[c] = _mm_fmadd_ps(_mm_cvtepi32_ps(sumi), dw[c], scaled[c]);
+                }
+            }
+            for c in 0..C {
+                // Lane pair r, lane j: the mins of row r's sub-blocks 2j and 2j + 1
+                // times their activation sums; then transposed to lane r of vector j.
+                let asums = _mm256_broadcastsi128_si256(q8_k_sub_sums(y[c]));
+                let zero = _mm256_setzero_si256();
+                let m01 = _mm256_madd_epi16(_mm256_unpackhi_epi8(decoded[0], zero), asums);
+                let m23 = _mm256_madd_epi16(_mm256_unpackhi_epi8(decoded[1], zero), asums);
+                let halves = [
+                    _mm256_unpacklo_epi32(m01, m23),
+                    _mm256_unpackhi_epi32(m01, m23),
+                ];
+                for j in 0..4 {
+                    let h = halves[j / 2];
+                    let (lane0, lane1) =
+                        (_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                    let summ = if j % 2 == 0 {
+                        _mm_unpacklo_epi32(lane0, lane1)
+                    } else {
+                        _mm_unpackhi_epi32(lane0, lane1)
+                    };
+                    mins[c] = _mm_fmadd_ps(_mm_cvtepi32_ps(summ), dmin[c], mins[c]);
+                }
+            }
+        }
+    }
+    let out = array_of!(_mm_setzero_ps(); C, |c| _mm_sub_ps(scaled[c], mins[c]));
+    // SAFETY: an __m128 is four f32 lanes; any bits are a valid f32.
+    let lanes: [[f32; 4]; C] = unsafe { core::mem::transmute_copy(&out) };
+    array_of!([0.0; C]; 4, |r| array_of!(0.0; C, |c| lanes[c][r]))
+}
+
 /// Q4_K x Q8_K for four rows and one activation row (the matvec tile): the
 /// arithmetic of `k4_blocks`'s single-row path with the four rows' float
 /// work done in the lanes of one vector, and the block headers (d, dmin,
@@ -565,23 +695,7 @@ unsafe fn q4_k_rows4(nb: usize, w: [*const u8; 4], a: *const u8, ahead: usize) -
             let asums = _mm256_broadcastsi128_si256(q8_k_sub_sums(y));
             let x = array_of!(w[0]; 4, |r| w[r].add(b * 144));
             prefetch_step(w[0], b, 4 * 144, ahead);
-            // Rows (0, 1) and (2, 3), one per lane.
-            let heads = [
-                _mm256_loadu2_m128i(x[1].cast(), x[0].cast()),
-                _mm256_loadu2_m128i(x[3].cast(), x[2].cast()),
-            ];
-            let decoded = [k4_scales_mins_x2(heads[0]), k4_scales_mins_x2(heads[1])];
-            // Lane r: d (low half) and dmin (high half) of row r, then as floats
-            // [d0 d1 d2 d3 dmin0 dmin1 dmin2 dmin3].
-            let pairs = _mm256_unpacklo_epi32(heads[0], heads[1]);
-            let d_dmin = _mm_unpacklo_epi32(
-                _mm256_castsi256_si128(pairs),
-                _mm256_extracti128_si256::<1>(pairs),
-            );
-            let d_dmin = _mm256_cvtph_ps(_mm_shuffle_epi8(
-                d_dmin,
-                _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15),
-            ));
+            let (decoded, d_dmin) = k4_heads_rows4(x);
             // Lane pair r: the mins of row r times the sub-block activation sums.
             let min_dots = [
                 _mm256_madd_epi16(
@@ -595,11 +709,7 @@ unsafe fn q4_k_rows4(nb: usize, w: [*const u8; 4], a: *const u8, ahead: usize) -
             ];
             let mut sums = [_mm256_setzero_si256(); 4];
             for r in 0..4 {
-                let scales = if r % 2 == 0 {
-                    _mm256_permute2x128_si256::<0x00>(decoded[r / 2], decoded[r / 2])
-                } else {
-                    _mm256_permute2x128_si256::<0x11>(decoded[r / 2], decoded[r / 2])
-                };
+                let scales = row_scales(decoded, r);
                 for j in 0..4 {
                     let q = load256(x[r].add(16 + 32 * j));
                     let lo = _mm256_and_si256(q, low4);

@@ -532,6 +532,10 @@ impl MatmulShape {
     fn dispatch(&self, level: SimdLevel, rows: &[u8], acts: &[u8], out: &mut [f32]) {
         match level {
             SimdLevel::Scalar => self.run::<scalar::Tiles, 1, 1>(rows, acts, out),
+            // Q4_K's GEMM path gathers four rows' sums into one vector per step.
+            SimdLevel::Avx2 if self.ty == GgmlType::Q4_K && self.gemm_cols > 0 => {
+                self.run::<avx2::Tiles, 4, 2>(rows, acts, out)
+            }
             SimdLevel::Avx2 => self.run::<avx2::Tiles, 2, 2>(rows, acts, out),
             SimdLevel::Avx512 => self.run_avx512::<false>(rows, acts, out),
             SimdLevel::Avx512Vnni => self.run_avx512::<true>(rows, acts, out),
