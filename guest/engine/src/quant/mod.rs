@@ -536,6 +536,13 @@ impl MatmulShape {
             SimdLevel::Avx2 if self.ty == GgmlType::Q4_K && self.gemm_cols > 0 => {
                 self.run::<avx2::Tiles, 4, 2>(rows, acts, out)
             }
+            // 32-value block types: unpacking a weight block (Q5_0's fifth bits
+            // especially) costs more than a product, so it serves four columns.
+            SimdLevel::Avx2
+                if matches!(self.ty, GgmlType::Q5_0 | GgmlType::Q4_0 | GgmlType::Q8_0) =>
+            {
+                self.run::<avx2::Tiles, 2, 4>(rows, acts, out)
+            }
             SimdLevel::Avx2 => self.run::<avx2::Tiles, 2, 2>(rows, acts, out),
             SimdLevel::Avx512 => self.run_avx512::<false>(rows, acts, out),
             SimdLevel::Avx512Vnni => self.run_avx512::<true>(rows, acts, out),
