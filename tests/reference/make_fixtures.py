@@ -161,6 +161,7 @@ def model_table():
         "tiny-qwen2-f16": (fixture("tiny-qwen2-f16.gguf"), TINY_QWEN2_PROMPTS, 32, "tiny-qwen2", True),
         "tinyllama-shaped-q4_k_m": (cached("tinyllama-shaped-q4_k_m.gguf"), PLAIN_PROMPTS[:5], 32,
                                     "tinyllama-shaped", False),
+        "tinyllama-shaped-q8_0": (cached("tinyllama-shaped-q8_0.gguf"), PLAIN_PROMPTS[:5], 32, None, False),
     }
 
 
