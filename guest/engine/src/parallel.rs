@@ -73,7 +73,8 @@ pub struct Chunk {
 
 /// Splits `0..total` into one contiguous range per worker, which its owner
 /// takes chunk by chunk from the front; a worker whose range is done takes
-/// chunks from the back of the range with the most left.
+/// chunks from the back of the range with the most left. Chunks shrink as a
+/// range runs out, so the last ones are small.
 ///
 /// Unlike a [`ChunkCounter`], whose consecutive chunks go to alternating
 /// workers, each worker streams through consecutive rows of a matrix, so its
@@ -86,6 +87,8 @@ pub struct RangeSplit {
     ranges: [AtomicU64; MAX_OWNED_RANGES],
     owners: usize,
     chunk: usize,
+    /// Own ranges start at multiples of this; no chunk is smaller (but a last one).
+    align: usize,
 }
 
 impl RangeSplit {
@@ -110,7 +113,15 @@ impl RangeSplit {
             }),
             owners,
             chunk: chunk.max(1),
+            align,
         }
+    }
+
+    /// How much to take of a range with `left` items: `chunk`, but less near the
+    /// end (a share of what is left), so that the workers finish together.
+    fn size(&self, left: usize) -> usize {
+        let share = left.div_ceil(2 * self.owners).max(self.align);
+        self.chunk.min(share).min(left)
     }
 
     /// The next chunk for `worker`, or None when every item is taken.
@@ -122,7 +133,7 @@ impl RangeSplit {
                 if start >= end {
                     break;
                 }
-                let taken = (start + self.chunk).min(end);
+                let taken = start + self.size(end - start);
                 match own.compare_exchange_weak(
                     now,
                     pack(taken, end),
@@ -155,7 +166,7 @@ impl RangeSplit {
             if start >= end {
                 continue;
             }
-            let from = end.saturating_sub(self.chunk).max(start);
+            let from = end - self.size(end - start);
             if victim
                 .compare_exchange(now, pack(start, from), Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
@@ -228,60 +239,54 @@ mod tests {
 
     #[test]
     fn owners_stream_through_their_own_range() {
-        let split = RangeSplit::new(100, 2, 16, 8);
-        let first = split.next(0).unwrap();
-        assert_eq!(
-            first,
-            Chunk {
-                range: 0..16,
-                then: 32
-            }
-        );
+        let split = RangeSplit::new(256, 2, 16, 8);
         assert_eq!(
             split.next(1).unwrap(),
             Chunk {
-                range: 48..64,
-                then: 36
+                range: 128..144,
+                then: 112
             }
         );
+        let own = drain_own(&split, 0);
         assert_eq!(
-            split.next(0).unwrap(),
+            own[0],
             Chunk {
-                range: 16..32,
-                then: 16
+                range: 0..16,
+                then: 112
             }
         );
-        assert_eq!(
-            split.next(0).unwrap(),
-            Chunk {
-                range: 32..48,
-                then: 0
-            }
-        );
+        // Consecutive chunks, shrinking near the end (to no less than 8 but the last).
+        for pair in own.windows(2) {
+            assert_eq!(pair[0].range.end, pair[1].range.start);
+            assert_eq!(pair[0].then, pair[1].range.len() + pair[1].then);
+            assert!(pair[1].range.len() <= pair[0].range.len() && pair[0].range.len() >= 8);
+        }
+        assert!(own.last().unwrap().range.len() < 16);
+        assert_eq!(own.last().unwrap().range.end, 128);
         // Worker 0's range is done: it takes from the back of worker 1's.
         assert_eq!(
             split.next(0).unwrap(),
             Chunk {
-                range: 84..100,
+                range: 240..256,
                 then: 0
             }
         );
         assert_eq!(
             split.next(1).unwrap(),
             Chunk {
-                range: 64..80,
-                then: 4
+                range: 144..160,
+                then: 80
             }
         );
-        assert_eq!(
-            split.next(1).unwrap(),
-            Chunk {
-                range: 80..84,
-                then: 0
-            }
-        );
-        assert_eq!(split.next(0), None);
-        assert_eq!(split.next(1), None);
+    }
+
+    /// The chunks `worker` takes from its own range (stops before stealing).
+    fn drain_own(split: &RangeSplit, worker: usize) -> Vec<Chunk> {
+        let mut chunks: Vec<Chunk> = Vec::new();
+        while chunks.last().is_none_or(|c| c.then > 0) {
+            chunks.push(split.next(worker).unwrap());
+        }
+        chunks
     }
 
     #[test]
@@ -303,7 +308,7 @@ mod tests {
                 turn += 1;
                 match split.next(worker) {
                     Some(c) => {
-                        assert!(c.range.len() <= chunk && !c.range.is_empty());
+                        assert!(c.range.len() <= chunk.max(8) && !c.range.is_empty());
                         seen[c.range].iter_mut().for_each(|s| *s += 1);
                     }
                     None => idle[worker] = true,
