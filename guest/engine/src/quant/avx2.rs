@@ -586,7 +586,7 @@ unsafe fn k4_heads_rows4(x: [*const u8; 4]) -> ([__m256i; 2], __m256) {
 #[inline]
 fn row_scales(decoded: [__m256i; 2], r: usize) -> __m256i {
     let pair = decoded[r / 2];
-    if r % 2 == 0 {
+    if r.is_multiple_of(2) {
         _mm256_permute2x128_si256::<0x00>(pair, pair)
     } else {
         _mm256_permute2x128_si256::<0x11>(pair, pair)
