@@ -71,6 +71,19 @@ impl MsixLayout {
         u64::from(self.table_size).div_ceil(64) * 8
     }
 
+    /// The (offset, length) ranges of BAR `bar` that the table and the PBA
+    /// occupy: the VMM traps them, whatever VFIO says is mmappable.
+    pub fn ranges_in(&self, bar: u8) -> Vec<(u64, u64)> {
+        let mut ranges = Vec::new();
+        if self.table_bar == bar {
+            ranges.push((u64::from(self.table_offset), self.table_len()));
+        }
+        if self.pba_bar == bar {
+            ranges.push((u64::from(self.pba_offset), self.pba_len()));
+        }
+        ranges
+    }
+
     /// Guest-writable bits of the capability: MSI-X enable and function mask.
     pub fn writable(&self) -> Vec<(u16, u32)> {
         vec![(
@@ -346,6 +359,8 @@ mod tests {
             }
         );
         assert_eq!((layout.table_len(), layout.pba_len()), (80, 8));
+        assert_eq!(layout.ranges_in(0), vec![(0x8000, 80), (0x48000, 8)]);
+        assert_eq!(layout.ranges_in(2), vec![]);
         assert_eq!(layout.control(&config), (true, false));
         config[0xa0] = 0x06;
         assert_eq!(

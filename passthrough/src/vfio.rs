@@ -307,6 +307,32 @@ impl VfioPassthrough {
         self.device.as_raw_fd()
     }
 
+    /// Maps `len` bytes of BAR `index` from `offset` (a piece VFIO reports as
+    /// mmappable) into this process, shared and writable. The caller unmaps
+    /// it with `munmap` and never makes Rust references into it: it is device
+    /// memory, for KVM to map into a guest.
+    pub fn mmap_bar(&self, index: u8, offset: u64, len: u64) -> std::io::Result<*mut libc::c_void> {
+        let file_offset = self.mmap_offset(index) + offset;
+        let file_offset = libc::off_t::try_from(file_offset)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: a new mapping at an address the kernel picks, so no existing
+        // memory is affected; nothing is read or written through it here.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.device_fd(),
+                file_offset,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(address)
+    }
+
     /// Hands the device one eventfd per MSI-X vector: VFIO signals
     /// `eventfds[n]` when the device fires vector n.
     pub fn enable_msix(&self, eventfds: &[EventFd]) -> Result<(), VfioSetupError> {

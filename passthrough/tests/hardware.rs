@@ -85,20 +85,7 @@ fn a_real_device_through_vfio() {
         VirtualConfigSpace::new(config, len, &sizes, &windows).unwrap_or_else(|e| panic!("{e}"));
     for guest_bar in space.bars() {
         let b = guest_bar.bar;
-        let traps: Vec<(u64, u64)> = space
-            .msix()
-            .into_iter()
-            .flat_map(|m| {
-                let mut t = Vec::new();
-                if m.table_bar == b.index {
-                    t.push((u64::from(m.table_offset), m.table_len()));
-                }
-                if m.pba_bar == b.index {
-                    t.push((u64::from(m.pba_offset), m.pba_len()));
-                }
-                t
-            })
-            .collect();
+        let traps = space.msix().map_or_else(Vec::new, |m| m.ranges_in(b.index));
         let pieces = bar_pieces(b.size, &device.mmappable(b.index), &traps, 4096);
         println!(
             "BAR{} {:?} prefetchable={} size={:#x} host={:#x} guest={:#x} pieces={pieces:?}",
@@ -106,25 +93,9 @@ fn a_real_device_through_vfio() {
         );
         // Each mappable piece mmaps from the device fd.
         for piece in pieces.iter().filter(|p| p.mmap) {
-            // SAFETY: a fresh shared mapping of the device's region at an
-            // offset VFIO reported; unmapped right below, never dereferenced.
-            let address = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    piece.len as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    device.device_fd(),
-                    (device.mmap_offset(b.index) + piece.offset) as libc::off_t,
-                )
-            };
-            assert_ne!(
-                address,
-                libc::MAP_FAILED,
-                "mmap of BAR{} piece {piece:?}: {}",
-                b.index,
-                std::io::Error::last_os_error()
-            );
+            let address = device
+                .mmap_bar(b.index, piece.offset, piece.len)
+                .unwrap_or_else(|e| panic!("mmap of BAR{} piece {piece:?}: {e}", b.index));
             // SAFETY: the mapping made just above, of this length.
             unsafe { libc::munmap(address, piece.len as usize) };
         }

@@ -313,49 +313,28 @@ impl Passthrough {
             if bar.kind == BarKind::Io || bar.size == 0 {
                 continue;
             }
-            let mut traps = Vec::new();
-            if let Some(m) = msix {
-                if m.table_bar == bar.index {
-                    traps.push((u64::from(m.table_offset), m.table_len()));
-                }
-                if m.pba_bar == bar.index {
-                    traps.push((u64::from(m.pba_offset), m.pba_len()));
-                }
-            }
+            let traps = msix.map_or_else(Vec::new, |m| m.ranges_in(bar.index));
             for piece in bar_pieces(bar.size, &vfio.mmappable(bar.index), &traps, page) {
                 // A memslot is whole pages at a page-aligned address: a BAR
                 // smaller than a page stays trapped.
                 if !piece.mmap || !piece.len.is_multiple_of(page) {
                     continue;
                 }
-                let offset = vfio.mmap_offset(bar.index) + piece.offset;
-                // SAFETY: a new shared mapping of the device fd's BAR region
-                // at an offset and length VFIO reported as mmappable; the
-                // VMM never makes Rust references into it (only KVM maps it
-                // into the guest), and it is unmapped in Drop after its
-                // memslot is deleted.
-                let host = unsafe {
-                    libc::mmap(
-                        std::ptr::null_mut(),
-                        piece.len as usize,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_SHARED,
-                        vfio.device_fd(),
-                        offset as libc::off_t,
-                    )
+                // Unmapped in Drop, after its memslot is deleted.
+                let host = match vfio.mmap_bar(bar.index, piece.offset, piece.len) {
+                    Ok(host) => host,
+                    Err(error) => {
+                        // Undo what this device mapped so far.
+                        unmap_pieces(&pieces);
+                        return Err(PassthroughError::Mmap {
+                            bdf,
+                            bar: bar.index,
+                            offset: piece.offset,
+                            len: piece.len,
+                            error,
+                        });
+                    }
                 };
-                if host == libc::MAP_FAILED {
-                    let error = std::io::Error::last_os_error();
-                    // Undo what this device mapped so far.
-                    unmap_pieces(&pieces);
-                    return Err(PassthroughError::Mmap {
-                        bdf,
-                        bar: bar.index,
-                        offset: piece.offset,
-                        len: piece.len,
-                        error,
-                    });
-                }
                 pieces.push(MappedPiece {
                     bar: bar.index,
                     offset: piece.offset,
