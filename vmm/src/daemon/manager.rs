@@ -120,7 +120,7 @@ impl Manager {
             return Err("the state file has it twice".into());
         }
         if let Some(spec) = &saved.spec.linux {
-            let mut plan = linux::plan(
+            let plan = linux::plan(
                 spec,
                 &saved.spec.devices,
                 saved.placement.host_cpus.len() as u32,
@@ -139,11 +139,9 @@ impl Manager {
                 let _ = self.placer.release(id);
                 return Err(error.message);
             }
-            plan.host_cpus = saved.placement.host_cpus.clone();
-            plan.numa_node = Some(saved.placement.node);
-            if let Err(error) =
-                self.spawn(saved.spec.clone(), Plan::Linux(plan), saved.running, None)
-            {
+            let mut plan = Plan::Linux(plan);
+            plan.place(saved.placement.host_cpus.clone(), saved.placement.node);
+            if let Err(error) = self.spawn(saved.spec.clone(), plan, saved.running, None) {
                 self.forget(id);
                 return Err(error.message);
             }
@@ -151,7 +149,7 @@ impl Manager {
         }
         let model = models::describe(&saved.model_name, Path::new(&saved.model_path))
             .map_err(|error| error.message)?;
-        let mut plan = worker::plan(
+        let plan = worker::plan(
             model,
             saved.placement.host_cpus.len() as u32,
             saved.spec.memory_mib,
@@ -167,11 +165,11 @@ impl Manager {
                 return Err(error.to_string());
             }
         }
-        plan.host_cpus = saved.placement.host_cpus.clone();
-        plan.numa_node = Some(saved.placement.node);
+        let mut plan = Plan::Inference(plan);
+        plan.place(saved.placement.host_cpus.clone(), saved.placement.node);
         if let Err(error) = self.spawn(
             saved.spec.clone(),
-            Plan::Inference(plan),
+            plan,
             saved.running,
             None,
         ) {
@@ -417,7 +415,7 @@ impl Manager {
                 ));
             };
             let model = self.models.resolve(model, "model")?;
-            let mut plan = worker::plan(
+            let plan = worker::plan(
                 model,
                 vcpus,
                 spec.memory_mib,
@@ -425,9 +423,9 @@ impl Manager {
                 spec.context_length,
             )?;
             let placement = self.place(&spec, vcpus, plan.memory_bytes, spec.numa_node)?;
-            plan.host_cpus = placement.host_cpus;
-            plan.numa_node = Some(placement.node);
-            Ok(Plan::Inference(plan))
+            let mut plan = Plan::Inference(plan);
+            plan.place(placement.host_cpus, placement.node);
+            Ok(plan)
         })();
         let plan = match result {
             Ok(plan) => plan,
@@ -489,7 +487,7 @@ impl Manager {
         // Before the plan's own lock probe: a disk of another partition
         // here is named with its holder.
         self.check_disks_free(&spec.id, linux)?;
-        let mut plan = linux::plan(
+        let plan = linux::plan(
             linux,
             &spec.devices,
             vcpus,
@@ -516,9 +514,9 @@ impl Manager {
             let _ = self.placer.release(&spec.id);
             return Err(error);
         }
-        plan.host_cpus = placement.host_cpus;
-        plan.numa_node = Some(placement.node);
-        Ok(Plan::Linux(plan))
+        let mut plan = Plan::Linux(plan);
+        plan.place(placement.host_cpus, placement.node);
+        Ok(plan)
     }
 
     /// No disk of `linux` is another partition's, unless both attach it
