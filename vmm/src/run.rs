@@ -369,11 +369,7 @@ pub fn partition_config(args: &RunArgs, prepared: &Prepared, model_path: &Path) 
     PartitionConfig {
         vcpus: prepared.vcpus,
         memory_bytes: prepared.memory_bytes,
-        backing: if args.hugepages {
-            RamBacking::Hugepages
-        } else {
-            RamBacking::Anonymous
-        },
+        backing: RamBacking::with_hugepages(args.hugepages),
         host_cpus: prepared.host_cpus.clone(),
         numa_node: args.numa_node,
         isolation: IsolationConfig {
@@ -619,11 +615,7 @@ fn run_linux(args: &RunArgs, kernel: PathBuf) -> Result<(), RunError> {
         vcpus,
         host_cpus,
         memory_bytes,
-        backing: if args.hugepages {
-            RamBacking::Hugepages
-        } else {
-            RamBacking::Anonymous
-        },
+        backing: RamBacking::with_hugepages(args.hugepages),
         numa_node: args.numa_node,
         seccomp: !args.no_seccomp,
     };

@@ -261,11 +261,7 @@ pub fn boot(plan: &LinuxPlan, cgroup_name: Option<String>) -> Result<LinuxRun, S
         disks: plan.disks.clone(),
         // The console goes to the log file; there is no input to give it.
         input: None,
-        backing: if plan.hugepages {
-            RamBacking::Hugepages
-        } else {
-            RamBacking::Anonymous
-        },
+        backing: RamBacking::with_hugepages(plan.hugepages),
         numa_node: plan.numa_node,
         // The vCPU, disk (and serial input) threads install their own.
         seccomp: super::worker::seccomp_enabled(),

@@ -167,12 +167,7 @@ impl Manager {
         }
         let mut plan = Plan::Inference(plan);
         plan.place(saved.placement.host_cpus.clone(), saved.placement.node);
-        if let Err(error) = self.spawn(
-            saved.spec.clone(),
-            plan,
-            saved.running,
-            None,
-        ) {
+        if let Err(error) = self.spawn(saved.spec.clone(), plan, saved.running, None) {
             let _ = self.placer.release(id);
             return Err(error.message);
         }

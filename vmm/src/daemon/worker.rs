@@ -169,11 +169,7 @@ fn boot(plan: &BootPlan, id: &str) -> Result<InferencePartition, String> {
         },
         vcpus: plan.vcpus,
         memory_bytes: plan.memory_bytes,
-        backing: if plan.hugepages {
-            RamBacking::Hugepages
-        } else {
-            RamBacking::Anonymous
-        },
+        backing: RamBacking::with_hugepages(plan.hugepages),
         host_cpus: Some(plan.host_cpus.clone()),
         stack_bytes: crate::inference::STACK_BYTES,
         model: Some(plan.model.path.clone().into()),

@@ -105,6 +105,17 @@ pub enum RamBacking {
     Hugepages,
 }
 
+impl RamBacking {
+    /// The backing asked for by a `hugepages` switch (CLI flag, API field).
+    pub fn with_hugepages(hugepages: bool) -> RamBacking {
+        if hugepages {
+            RamBacking::Hugepages
+        } else {
+            RamBacking::Anonymous
+        }
+    }
+}
+
 /// Guest RAM at guest-physical `[0, size)`, on NUMA node `node` when given
 /// (MPOL_BIND: allocations never fall back to another node), every page
 /// populated before this returns.
