@@ -464,19 +464,27 @@ impl Worker {
         };
         match boot(&plan, &self.shared.id) {
             Ok(partition) => {
-                self.shared
-                    .metrics
-                    .guest_memory_bytes
-                    .store(plan.memory_bytes, Ordering::Relaxed);
-                self.shared.metrics.record_boot();
                 self.running = Some(partition);
-                let mut status = self.shared.status();
-                status.state = PartitionState::Running;
-                status.running_since = Some(Instant::now());
+                drop(self.booted(plan.memory_bytes));
                 Ok(())
             }
             Err(why) => Err(self.boot_failed(&why)),
         }
+    }
+
+    /// Records a boot of a guest with `memory_bytes` of RAM: the partition is
+    /// running. Returns the status, still locked, for what else the kind of
+    /// partition records.
+    fn booted(&self, memory_bytes: u64) -> MutexGuard<'_, Status> {
+        self.shared
+            .metrics
+            .guest_memory_bytes
+            .store(memory_bytes, Ordering::Relaxed);
+        self.shared.metrics.record_boot();
+        let mut status = self.shared.status();
+        status.state = PartitionState::Running;
+        status.running_since = Some(Instant::now());
+        status
     }
 
     /// Marks the partition failed because it did not boot, and says so.
@@ -491,14 +499,7 @@ impl Worker {
     fn start_linux(&mut self, plan: &LinuxPlan) -> Result<(), ApiError> {
         match linux::boot(plan, cgroup_name(&self.shared.id)) {
             Ok(run) => {
-                self.shared
-                    .metrics
-                    .guest_memory_bytes
-                    .store(plan.memory_bytes, Ordering::Relaxed);
-                self.shared.metrics.record_boot();
-                let mut status = self.shared.status();
-                status.state = PartitionState::Running;
-                status.running_since = Some(Instant::now());
+                let mut status = self.booted(plan.memory_bytes);
                 status.linux_cmdline = Some(run.vm.cmdline.clone());
                 status.linux_exits = LinuxExits::default();
                 status.linux_end = None;

@@ -287,22 +287,16 @@ impl Passthrough {
         let mut routing = lock(&self.routing);
         let routing_error = |error| PassthroughError::Routing { bdf, error };
         let msix_table = Arc::new(Mutex::new(MsixTable::new(msix.map_or(0, |m| m.table_size))));
-        let msix_vectors = match msix {
-            Some(layout) => {
-                let eventfds = eventfds(bdf, usize::from(layout.table_size))?;
-                let gsis = routing.allocate(eventfds.len()).map_err(routing_error)?;
-                Some(Vectors { eventfds, gsis })
-            }
-            None => None,
+        // An eventfd and a GSI per vector the device may use.
+        let mut vectors = |count: u16| -> Result<Vectors, PassthroughError> {
+            let eventfds = eventfds(bdf, usize::from(count))?;
+            let gsis = routing.allocate(eventfds.len()).map_err(routing_error)?;
+            Ok(Vectors { eventfds, gsis })
         };
-        let msi_vectors = match msi {
-            Some(layout) => {
-                let eventfds = eventfds(bdf, usize::from(layout.max_vectors))?;
-                let gsis = routing.allocate(eventfds.len()).map_err(routing_error)?;
-                Some(Vectors { eventfds, gsis })
-            }
-            None => None,
-        };
+        let msix_vectors = msix.map(|layout| vectors(layout.table_size)).transpose()?;
+        let msi_vectors = msi
+            .map(|layout| vectors(u16::from(layout.max_vectors)))
+            .transpose()?;
         drop(routing);
 
         let page = page_size();
